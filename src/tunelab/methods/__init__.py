@@ -1,0 +1,1 @@
+"""Adaptation methods, one module each; every module registers itself in `registry`."""
