@@ -326,7 +326,7 @@ def build_method_config(values: dict) -> MethodConfig:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    from tunelab.runs import atomic_write_text
+    from tunelab.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 

@@ -32,6 +32,8 @@ class ApplyContext:
     """Dotted names of modules that are new for the task (the head); they always train."""
     family: str
     """Model family: encoder (BERT-like), mpnet or decoder (Llama-like)."""
+    total_steps: int | None = None
+    """Optimizer steps the run will take (methods with schedules, e.g. AdaLoRA, need it)."""
 
 
 @dataclass
@@ -51,6 +53,10 @@ class MethodSpec:
     """Fold the method into plain base modules; returns a model without the method."""
     families: tuple[str, ...] = ("encoder", "mpnet", "decoder")
     tasks: tuple[str, ...] = ("classification",)
+    on_step: Callable[[torch.nn.Module, int], None] | None = None
+    """Called after every optimizer step with the global step (AdaLoRA's rank allocation)."""
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None
+    """Added to the training loss (AdaLoRA's orthogonal regulariser)."""
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -59,7 +65,8 @@ _LOADED = False
 
 def register_method(name: str, *, settings: type, default_lr: float, mergeable: bool,
                     saves: str, paper: str, summary: str, merge=None,
-                    families=("encoder", "mpnet", "decoder"), tasks=("classification",)):
+                    families=("encoder", "mpnet", "decoder"), tasks=("classification",),
+                    on_step=None, extra_loss=None):
     """Decorator: ``@register_method("lora", settings=LoraSettings, ...)`` on ``apply``."""
     if not dataclasses.is_dataclass(settings):
         raise TypeError(f"settings of method {name} must be a dataclass")
@@ -68,7 +75,8 @@ def register_method(name: str, *, settings: type, default_lr: float, mergeable: 
 
     def wrap(apply):
         _METHODS[name] = MethodSpec(name, settings, apply, default_lr, mergeable, saves, paper,
-                                    summary, merge, tuple(families), tuple(tasks))
+                                    summary, merge, tuple(families), tuple(tasks), on_step,
+                                    extra_loss)
         return apply
 
     return wrap
