@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install tunelab with its dependencies. Idempotent: a second run takes a
+# second or two. torch is installed first, by exact version, so that no dependency pulls a
+# multi-GB CUDA build of it on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${TUNELAB_TORCH_VERSION:-2.13.0}"
+PY="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+
+if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  "$VPY" -m pip install --quiet --upgrade pip
+  "$VPY" -m pip install --quiet "torch==$TORCH_VERSION"
+fi
+
+stamp=.venv/.tunelab-install
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$VPY" -m pip install --quiet -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+echo "tunelab is installed in .venv ($("$VPY" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"

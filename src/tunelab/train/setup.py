@@ -1,0 +1,173 @@
+"""Everything a run builds before its first step: devices and threads, the run directory,
+the data (with its preflight), the model with its method applied, and the step plan."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab import runs
+from tunelab.config import RunConfig, resolve_config, save_config
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_json
+from tunelab.methods import registry
+from tunelab.tasks import classification as task
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    accelerator: object
+    run_dir: Path
+    labels: list[str]
+    model: torch.nn.Module
+    tokenizer: object
+    encoded: dict  # split -> task.Encoded
+    pad_id: int
+    bf16: bool
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    quiet: bool = False
+
+    @property
+    def train(self) -> task.Encoded:
+        return self.encoded["train"]
+
+    def say(self, text: str) -> None:
+        if self.accelerator.is_main_process and not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        runs.append_jsonl(self.run_dir / "metrics.jsonl", record)
+        numbers = {f"{record.get('split', 'train')}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        self.accelerator.log(numbers, step=record["step"])
+
+    def progress(self, initial: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=initial, unit="step", desc="train",
+                    disable=not self.accelerator.is_main_process or self.quiet,
+                    dynamic_ncols=True, mininterval=1.0)
+
+
+def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
+    from tunelab.train.evaluate import resolve_precision
+    from tunelab.train.loop import check_metric, default_threads, plan_steps
+
+    if resume:
+        config = resumed_config(Path(resume), config)
+    check_metric(config)
+    accelerator = make_accelerator(config)
+    threads = config.train.threads or max(1, default_threads() // accelerator.num_processes)
+    torch.set_num_threads(threads)
+    run_dir = shared_run_dir(accelerator, Path(resume) if resume else runs.new_run_dir(config))
+    precision = resolve_precision(config.train.precision, accelerator.device.type)
+    data = load_data(config, run_dir, accelerator, quiet)
+    built = task.build_model(config.model.name, data.labels, config.train.seed)
+    encoded = {split: task.encode_examples(built.tokenizer, rows, config.model.max_length)
+               for split, rows in data.splits.items()}
+    spec = registry.get_method(config.method.name)
+    per_epoch, total = plan_steps(-(-len(encoded["train"]) // (config.train.batch_size *
+                                                              accelerator.num_processes)),
+                                  config.train)
+    ctx = registry.ApplyContext(config.task, built.head_modules, built.family, total)
+    model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lr = config.train.lr or spec.default_lr
+    p = Prepared(config, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
+                 built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
+    if accelerator.is_main_process:
+        write_run_files(p, data, threads, precision, resume is not None)
+    start_tracker(p)
+    trainable, all_params = registry.count_parameters(model)
+    p.say(f"model {config.model.name} ({built.family}), method {config.method.name}: "
+          f"{trainable:,} of {all_params:,} parameters train ({100 * trainable / all_params:.2f}%)"
+          f"; lr {lr:g}, {total} steps, precision {precision}, {threads} threads"
+          f", {accelerator.num_processes} process(es)")
+    return p
+
+
+def resumed_config(run_dir: Path, overrides_config: RunConfig | None) -> RunConfig:
+    """The config a run was started with (config.yaml); the run_dir is the one given."""
+    if not (run_dir / "config.yaml").is_file():
+        raise TunelabError(f"cannot resume {run_dir}: it has no config.yaml (not a tunelab run)")
+    if runs.latest_checkpoint(run_dir) is None:
+        raise TunelabError(f"cannot resume {run_dir}: no checkpoint was written yet "
+                           f"(state/latest is missing); start the run again instead")
+    config = resolve_config(run_dir / "config.yaml")
+    config.run_dir = str(run_dir)
+    return config
+
+
+def make_accelerator(config: RunConfig):
+    from accelerate import Accelerator
+
+    tracker = None if config.train.tracker == "none" else config.train.tracker
+    # the real folder is set once all processes agree on the run directory (start_tracker)
+    return Accelerator(log_with=tracker, project_dir=".")
+
+
+def shared_run_dir(accelerator, run_dir: Path) -> Path:
+    """All processes must write to the folder the main process chose."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [str(run_dir)]
+        broadcast_object_list(holder, from_process=0)
+        run_dir = Path(holder[0])
+    return run_dir
+
+
+def load_data(config: RunConfig, run_dir: Path, accelerator, quiet: bool):
+    from tunelab.data.classification import format_preflight, load_classification_data
+
+    data = load_classification_data(config.data)
+    if "train" not in data.splits:
+        raise TunelabError("no training data: set data.train")
+    if accelerator.is_main_process and not quiet:
+        print(format_preflight(data), file=sys.stderr, flush=True)
+    return data
+
+
+def write_run_files(p: Prepared, data, threads: int, precision: str, resumed: bool) -> None:
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        if (p.run_dir / "results.json").exists() or (p.run_dir / "state").exists():
+            raise TunelabError(f"{p.run_dir} already holds a run; pick another run_dir, or "
+                               f"continue it with --resume {p.run_dir}")
+        save_config(p.config, p.run_dir / "config.yaml")
+    preflight = data.preflight()
+    preflight["truncated"] = {s: e.truncated for s, e in p.encoded.items()}
+    atomic_write_json(p.run_dir / "preflight.json", preflight)
+    atomic_write_json(p.run_dir / "label_map.json", dict(enumerate(p.labels)))
+    atomic_write_json(p.run_dir / "env.json", runs.environment(p.config, {
+        "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
+        "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
+        "world_size_env": os.environ.get("WORLD_SIZE")}))
+
+
+def start_tracker(p: Prepared) -> None:
+    if p.config.train.tracker == "none":
+        return
+    p.accelerator.project_configuration.set_directories(str(p.run_dir))
+    flat = {}
+    for section, values in p.config.to_dict().items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        else:
+            flat[section] = str(values)
+    try:
+        p.accelerator.init_trackers("tb" if p.config.train.tracker == "tensorboard" else "tunelab",
+                                    config=flat)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise TunelabError(f"train.tracker={p.config.train.tracker} needs a package that is not "
+                           f"installed ({e}); install it or set train.tracker=none") from None
