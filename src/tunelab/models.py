@@ -243,6 +243,7 @@ class _building:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            _open_permissions(self.tmp)
             try:
                 os.rename(self.tmp, self.target)
             except OSError:
@@ -250,6 +251,15 @@ class _building:
                     shutil.rmtree(self.tmp, ignore_errors=True)
                     raise
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _open_permissions(folder: Path) -> None:
+    """mkdtemp/mkstemp make private (0700/0600) entries: give the cache the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _write_source(folder: Path, alias: str, dist: str) -> None:
@@ -421,12 +431,14 @@ def _train_wordpiece(texts, vocab_size, specials) -> dict[str, int]:
     # Split text exactly as BertTokenizer/MPNetTokenizer will: lowercased, Bert pre-split.
     normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = [[w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
+    chars = sorted({c for ws in words for w in ws for c in w})
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    # Its vocabulary is '\u2581' + chars + merges; the chars come back twice below.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials) - len(chars) + 1,
+                                  min_frequency=1, show_progress=False)
     bpe.train_from_iterator([" ".join("\u2581" + w for w in ws) for ws in words], trainer)
     learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
-    chars = sorted({c for ws in words for w in ws for c in w})
     pieces = [p for c in chars for p in (c, "##" + c)]
     pieces += [t[1:] if t.startswith("\u2581") else "##" + t for t, _ in learned if t != "\u2581"]
     vocab: dict[str, int] = {}

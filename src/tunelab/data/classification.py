@@ -461,3 +461,15 @@ def read_prediction_inputs(path: str, cfg: DataConfig,
                                 text_pair=None if pair is None else str(pair),
                                 source=f"{path}:{row.line}"))
     return rows, examples
+
+
+def load_labeled_file(path: str, cfg: DataConfig, labels: list[str],
+                      format: str = "auto") -> tuple[list[Example], list[Problem]]:
+    """A labelled file read against a trained run's labels (for `tunelab eval`): rows with an
+    unknown or missing label are returned as Problems, the rest as Examples."""
+    problems: list[Problem] = []
+    items = _read_items(path, cfg, format, problems)
+    examples = _assign_labels(items, labels, cfg.labels is not None, problems, cfg)
+    if not examples:
+        raise DataError(_no_rows_message(problems), file=path)
+    return examples, problems

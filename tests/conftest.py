@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny BERT built in code (no hub) and a small learnable sentiment set."""
+import csv
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "lovely", "superb", "fine", "excellent", "wonderful", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "dull", "boring", "horrible", "weak"]
+FILLER = ["the", "film", "movie", "plot", "was", "a", "really", "acting", "story", "quite",
+          "and", "very", "cast", "ending", "it", "this"]
+
+
+def toy_rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose label is given by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(FILLER, rng.randrange(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive"
+                                                                 else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    from tunelab.models import build_tiny_model
+
+    texts = [r["text"] for r in toy_rows(200, 0)]
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", kind="bert",
+                                texts=texts, vocab_size=120))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """train (20 rows, as in the style guide), validation and test CSVs."""
+    d = tmp_path_factory.mktemp("toy")
+    return {"train": str(write_csv(d / "train.csv", toy_rows(20, 1))),
+            "validation": str(write_csv(d / "validation.csv", toy_rows(16, 2))),
+            "test": str(write_csv(d / "test.csv", toy_rows(24, 3)))}
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert, toy_data, tmp_path):
+    """Overrides that train the tiny model on the toy data quickly and deterministically."""
+    return [f"model.name={tiny_bert}", f"data.train={toy_data['train']}",
+            f"data.validation={toy_data['validation']}", f"data.test={toy_data['test']}",
+            "train.lr=1e-3", "train.batch_size=4", "train.epochs=20", "train.log_every=5",
+            "train.precision=fp32", "train.threads=1", "train.tracker=none",
+            "model.max_length=32", "train.warmup_ratio=0.0", f"run_dir={tmp_path / 'run'}"]
