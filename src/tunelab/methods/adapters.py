@@ -31,8 +31,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Ta
 # Output projections of the attention and feed-forward sublayers, per family.
 ATTENTION_OUTPUT = {"encoder": r".*\.attention\.output\.dense", "mpnet": r".*\.attention\.attn\.o",
                     "decoder": r".*\.self_attn\.o_proj"}
-FFN_OUTPUT = {"encoder": r".*\.layer\.\d+\.output\.dense", "mpnet": r".*\.layer\.\d+\.output\.dense",
-              "decoder": r".*\.mlp\.down_proj"}
+FFN_OUTPUT = {"encoder": r".*\.layer\.\d+\.output\.dense",
+              "mpnet": r".*\.layer\.\d+\.output\.dense", "decoder": r".*\.mlp\.down_proj"}
 
 
 class Bottleneck(nn.Module):
@@ -122,8 +122,9 @@ def apply_adapters(model, settings, ctx, patterns: list[str]):
     for p in model.parameters():
         p.requires_grad_(False)
     if not insert_adapters(model, patterns, settings):
-        raise ConfigError(f"no layer of this model matches the adapter placement for "
-                          f"{ctx.family} models")
+        raise ConfigError(f"no linear layer of this model matches the adapter placement for "
+                          f"{ctx.family} models ({' or '.join(patterns)}); Llama-style "
+                          f"decoders are supported, fused GPT-2-style attention is not")
     for name, p in model.named_parameters():
         if ".adapter." in name:
             p.requires_grad_(True)

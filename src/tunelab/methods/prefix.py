@@ -162,11 +162,12 @@ def apply(model, settings, ctx):
         p.requires_grad_(False)
     modules = attention_modules(model, ctx.family)
     if not modules:
-        raise ConfigError(f"prefix tuning found no self-attention layers in this {ctx.family} "
-                          f"model")
+        raise ConfigError(f"prefix tuning found no self-attention layers with "
+                          f"{'/'.join(QKV[ctx.family])} projections in this {ctx.family} model "
+                          f"(fused GPT-2-style attention is not supported)")
     key_proj = getattr(modules[0], QKV[ctx.family][1])
     encoder = PrefixEncoder(len(modules), settings.num_virtual_tokens,
-                            model.config.hidden_size, key_proj.out_features, settings)
+                            key_proj.in_features, key_proj.out_features, settings)
     encoder.to(device=key_proj.weight.device)
     model.prefix_encoder = encoder
     for i, module in enumerate(modules):
@@ -176,5 +177,9 @@ def apply(model, settings, ctx):
     if ctx.family != "mpnet":
         register_attention()
         model.set_attn_implementation(ATTN_IMPL)
+        if model.config._attn_implementation != ATTN_IMPL:  # a model without the interface
+            raise ConfigError(f"prefix tuning needs a model whose attention goes through "
+                              f"Transformers' AttentionInterface; {type(model).__name__} "
+                              f"does not")
     set_head_trainable(model, ctx.head_modules)
     return model

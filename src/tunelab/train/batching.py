@@ -23,8 +23,12 @@ def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
 
 def shard(batches: list, rank: int, world: int) -> list:
     """This process's share; every process gets the same number of batches."""
-    usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
-    return batches[:usable][rank::world] if world > 1 else batches
+    if world == 1:
+        return batches
+    if len(batches) < world:
+        raise ValueError(f"{len(batches)} batches cannot be shared by {world} processes")
+    usable = len(batches) - len(batches) % world
+    return batches[:usable][rank::world]
 
 
 def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -57,6 +57,10 @@ def evaluate(model, data: task.Encoded, num_labels: int, batch_size: int, pad_id
     """Streaming metrics over a split; with several processes each takes a shard of the
     batches and the confusion matrices are summed."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None:
+        # the bare module: DDP's forward syncs buffers, a collective that would hang when the
+        # processes run different numbers of evaluation batches
+        model = accelerator.unwrap_model(model)
     metrics = task.new_metrics(num_labels)
     for idx, logits in iter_logits(model, data, batch_size, pad_id, device, bf16, rank, world):
         labels = torch.tensor([data.labels[i] for i in idx])

@@ -74,9 +74,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     encoded = {split: task.encode_examples(built.tokenizer, rows, config.model.max_length)
                for split, rows in data.splits.items()}
     spec = registry.get_method(config.method.name)
-    per_epoch, total = plan_steps(-(-len(encoded["train"]) // (config.train.batch_size *
-                                                              accelerator.num_processes)),
-                                  config.train)
+    per_epoch, total = plan_steps(batches_per_process(len(encoded["train"]), config.train.batch_size,
+                                                      accelerator.num_processes), config.train)
     ctx = registry.ApplyContext(config.task, built.head_modules, built.family, total)
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if config.train.gradient_checkpointing:
@@ -93,6 +92,12 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
           f"; lr {lr:g}, {total} steps, precision {precision}, {threads} threads"
           f", {accelerator.num_processes} process(es)")
     return p
+
+
+def batches_per_process(rows: int, batch_size: int, world: int) -> int:
+    """What `batching.shard` hands each process per epoch."""
+    batches = -(-rows // batch_size)
+    return batches // world if batches >= world else batches
 
 
 def resumed_config(run_dir: Path, overrides_config: RunConfig | None) -> RunConfig:
@@ -112,7 +117,9 @@ def make_accelerator(config: RunConfig):
 
     tracker = None if config.train.tracker == "none" else config.train.tracker
     # the real folder is set once all processes agree on the run directory (start_tracker)
-    return Accelerator(log_with=tracker, project_dir=".")
+    # cpu=True on a machine without CUDA: only then does Accelerate set up gloo DDP when
+    # launched with several processes (torchrun, accelerate launch --multi_gpu)
+    return Accelerator(log_with=tracker, project_dir=".", cpu=not torch.cuda.is_available())
 
 
 def shared_run_dir(accelerator, run_dir: Path) -> Path:
