@@ -168,8 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """tunelab reports what matters itself (new head, parameters that train); the libraries'
+    load reports and per-load progress bars would bury it."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         args.fn(args)
     except TunelabError as e:

@@ -100,3 +100,16 @@ def test_refuses_to_overwrite_a_finished_run(tiny_overrides, capsys):
     assert main(["train", *tiny_overrides, "train.epochs=1"]) == 0
     assert main(["train", *tiny_overrides, "train.epochs=1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_tensorboard_tracker_writes_events(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if o != "train.tracker=none"]
+    assert main(["train", *overrides, "train.epochs=2", "train.tracker=tensorboard"]) == 0
+    events = list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_check_command_shows_a_tokenised_example(tiny_overrides, capsys):
+    assert main(["check", *tiny_overrides]) == 0
+    out = capsys.readouterr().out
+    assert "first training example" in out and "[CLS]" in out and "train" in out

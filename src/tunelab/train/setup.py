@@ -164,7 +164,8 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, resumed: bo
 def start_tracker(p: Prepared) -> None:
     if p.config.train.tracker == "none":
         return
-    p.accelerator.project_configuration.set_directories(str(p.run_dir))
+    project = p.accelerator.project_configuration
+    project.project_dir = project.logging_dir = str(p.run_dir)
     flat = {}
     for section, values in p.config.to_dict().items():
         if isinstance(values, dict):
