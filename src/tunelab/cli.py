@@ -4,6 +4,7 @@
     tunelab check [RECIPE.yaml] [key.sub=value ...]     preflight only: data counts, problems
     tunelab eval RUN_DIR --data FILE
     tunelab predict RUN_DIR --input FILE --output FILE
+    tunelab compare [RECIPE.yaml] [key=value ...] --methods full,lora,...
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -100,6 +101,20 @@ def cmd_predict(args) -> None:
     print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
 
 
+def cmd_compare(args) -> None:
+    import datetime as dt
+
+    from tunelab.compare import compare, parse_methods
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    out = args.out or f"runs/compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    rows = compare(recipe, overrides, parse_methods(args.methods), out)
+    print((Path(out) / "comparison.md").read_text())
+    failed = [r["method"] for r in rows if r["status"] != "ok"]
+    print(f"written to {out}/comparison.{{md,csv,json,png}}"
+          + (f"; failed: {', '.join(failed)} (logs beside them)" if failed else ""))
+
+
 def cmd_methods(args) -> None:
     from tunelab.methods.registry import all_methods
 
@@ -160,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.set_defaults(fn=cmd_predict)
+
+    p = verbs.add_parser("compare", help="train a recipe with several methods and tabulate them")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--methods", help="comma-separated (default: every method the model supports)")
+    p.add_argument("--out", help="output folder (default: runs/compare-<date>-<time>)")
+    p.set_defaults(fn=cmd_compare)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)
