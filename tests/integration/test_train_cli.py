@@ -113,3 +113,32 @@ def test_check_command_shows_a_tokenised_example(tiny_overrides, capsys):
     assert main(["check", *tiny_overrides]) == 0
     out = capsys.readouterr().out
     assert "first training example" in out and "[CLS]" in out and "train" in out
+
+
+def test_early_stopping_and_best_checkpoint(tiny_overrides, tmp_path):
+    # a learning rate of ~0 cannot improve accuracy after the first evaluation
+    assert main(["train", *tiny_overrides, "train.lr=1e-9", "train.eval_every=5",
+                 "train.early_stopping_patience=2"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["stopped_early"] is True
+    assert results["train"]["steps"] == 15  # evaluations at 5 (best), 10, 15 -> stop
+    assert results["train"]["best_step"] == 5
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tiny_overrides, tmp_path):
+    common = [o for o in tiny_overrides if not o.startswith("run_dir=")] + ["train.epochs=2"]
+    assert main(["train", *common, f"run_dir={tmp_path / 'a'}"]) == 0
+    assert main(["train", *common, "train.gradient_checkpointing=true",
+                 f"run_dir={tmp_path / 'b'}"]) == 0
+    la = [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "split" not in r]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "split" not in r]
+    assert lb == pytest.approx(la, rel=1e-4)
+
+
+def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if o != "train.precision=fp32"]
+    assert main(["train", *overrides, "train.precision=bf16", "train.epochs=2"]) == 0
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["precision"] == "bf16"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["precision"] == "bf16"
