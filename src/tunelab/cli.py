@@ -5,6 +5,8 @@
     tunelab eval RUN_DIR --data FILE
     tunelab predict RUN_DIR --input FILE --output FILE
     tunelab compare [RECIPE.yaml] [key=value ...] --methods full,lora,...
+    tunelab export RUN_DIR --to merged|adapter|onnx|int8
+    tunelab verify RUN_DIR EXPORT_DIR [EXPORT_DIR ...]
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -115,6 +117,35 @@ def cmd_compare(args) -> None:
           + (f"; failed: {', '.join(failed)} (logs beside them)" if failed else ""))
 
 
+def cmd_export(args) -> None:
+    from tunelab.export import export
+
+    for kind in args.to.split(","):
+        out = export(args.run_dir, kind.strip(), args.out if "," not in args.to else None)
+        print(f"{kind}: {out}")
+
+
+def cmd_verify(args) -> None:
+    import tunelab
+    from tunelab.data.classification import read_prediction_inputs
+    from tunelab.verify import format_checks, verify
+
+    data = args.data
+    if data is None:
+        import importlib.resources
+
+        data = str(importlib.resources.files("tunelab.demo") / "sst2_test.csv")
+    config = tunelab.load(args.run_dir).config
+    _, examples = read_prediction_inputs(data, config.data if args.data else
+                                         type(config.data)(), "auto")
+    examples = examples[:args.n]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    checks = verify(args.run_dir, args.exports, [e.text for e in examples], pairs)
+    print(format_checks(checks, len(examples)))
+    if not all(c.passed for c in checks):
+        raise TunelabError("some exports differ from the run beyond their tolerance")
+
+
 def cmd_methods(args) -> None:
     from tunelab.methods.registry import all_methods
 
@@ -182,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated (default: every method the model supports)")
     p.add_argument("--out", help="output folder (default: runs/compare-<date>-<time>)")
     p.set_defaults(fn=cmd_compare)
+
+    p = verbs.add_parser("export", help="export a run: merged, adapter, onnx, int8")
+    p.add_argument("run_dir")
+    p.add_argument("--to", required=True, help="merged, adapter, onnx or int8 (comma-separated)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/export/KIND)")
+    p.set_defaults(fn=cmd_export)
+
+    p = verbs.add_parser("verify", help="check exports give the run's outputs on probe inputs")
+    p.add_argument("run_dir")
+    p.add_argument("exports", nargs="+")
+    p.add_argument("--data", help="probe file (default: the packaged demo test texts)")
+    p.add_argument("-n", type=int, default=256, help="number of probe inputs")
+    p.set_defaults(fn=cmd_verify)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)

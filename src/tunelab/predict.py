@@ -29,6 +29,7 @@ class Predictor:
         self.batch_size = batch_size
         self.config = config
         self.device = next(model.parameters()).device
+        self.run_dir: Path | None = None
 
     @classmethod
     def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64) -> "Predictor":
@@ -43,7 +44,9 @@ class Predictor:
         model, tokenizer = load_run_model(run_dir, config, labels, env)
         chosen = env.get("precision", "fp32") if precision == "auto" else precision
         bf16 = resolve_precision(chosen, "cpu") == "bf16"
-        return cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size, config)
+        predictor = cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size, config)
+        predictor.run_dir = run_dir
+        return predictor
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> task.Encoded:
         return task.encode(self.tokenizer, list(texts), list(pairs) if pairs else None,
