@@ -12,7 +12,6 @@ Every export folder holds export.json (kind, labels, source run) and the tokeniz
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

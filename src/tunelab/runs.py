@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
-from tunelab.io import (atomic_write_json, atomic_write_text, existing_dir, replace_dir,
+from tunelab.io import (atomic_write_text, existing_dir, replace_dir,
                         staging_dir)
 
 WEIGHTS = "weights.safetensors"
