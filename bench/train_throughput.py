@@ -282,7 +282,7 @@ def ratios(rows: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     s = report["settings"]
-    lines = [f"## Training throughput: tunelab vs transformers.Trainer (SST-2, MiniLM)", "",
+    lines = ["## Training throughput: tunelab vs transformers.Trainer (SST-2, MiniLM)", "",
              f"`{report['command']}`", "",
              f"{report['date']}; {common.machine_line(report['machine'])}.", "",
              f"{s['train_rows']} training rows × {s['epochs']} epoch(s), batch {BATCH_SIZE}, "
