@@ -7,6 +7,7 @@
     tunelab compare [RECIPE.yaml] [key=value ...] --methods full,lora,...
     tunelab export RUN_DIR --to merged|adapter|onnx|int8
     tunelab verify RUN_DIR EXPORT_DIR [EXPORT_DIR ...]
+    tunelab serve RUN_DIR|NAME=RUN_DIR ... [--port 8000] [--api-key KEY]   HTTP API
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -146,6 +147,15 @@ def cmd_verify(args) -> None:
         raise TunelabError("some exports differ from the run beyond their tolerance")
 
 
+def cmd_serve(args) -> None:
+    from tunelab.serve.app import ServeSettings, serve
+
+    serve(args.runs, ServeSettings(
+        host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, max_texts=args.max_texts,
+        max_chars=args.max_chars, precision=args.precision, threads=args.threads))
+
+
 def cmd_methods(args) -> None:
     from tunelab.methods.registry import all_methods
 
@@ -226,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="probe file (default: the packaged demo test texts)")
     p.add_argument("-n", type=int, default=256, help="number of probe inputs")
     p.set_defaults(fn=cmd_verify)
+
+    p = verbs.add_parser("serve", help="serve runs over HTTP (many adapters share one base)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder, or NAME=RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' "
+                        "(default: $TUNELAB_API_KEY; unset = no key)")
+    p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="requests that may wait; beyond it: 503")
+    p.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=10000, help="characters per text")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for inference (default 0: every usable core)")
+    p.set_defaults(fn=cmd_serve)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)

@@ -1,0 +1,317 @@
+"""Serving latency, throughput and memory: `tunelab serve` against a plain
+`transformers.pipeline("text-classification")`, with MiniLM.
+
+Measured, with a LoRA run (a given RUN_DIR, or a 20-step LoRA run on the packaged demo data):
+  pipeline   the run exported as a merged Transformers folder, called in-process (no HTTP):
+             one sentence per call, then the sentences in lists with batch_size=BATCH
+  serve      `tunelab serve` in its own process, in fp32 and in bf16, over HTTP from this
+             process: one sentence per request, sequentially (p50/p99 latency), then
+             CLIENTS concurrent clients sending BATCH sentences per request (sentences/s)
+  memory     RSS of the server with 1 adapter and with ADAPTERS copies of it under different
+             names (they share the base), and of one process holding ADAPTERS
+             `tunelab.load` predictors (no sharing)
+
+The client runs on the same machine as the server: on a small box it takes CPU from it, so
+absolute figures are conservative; the comparisons are like for like.
+
+    .venv/bin/python bench/serve_latency.py                          # full size
+    .venv/bin/python bench/serve_latency.py --single 20 --batched 2 --markdown ''   # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.resources
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NAME = "serve_latency"
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, NAME)
+    parser.add_argument("run_dir", nargs="?", type=Path,
+                        help="a finished LoRA run (default: train a 20-step one on the demo data)")
+    parser.add_argument("--single", type=int, default=300,
+                        help="single-sentence requests per configuration (default 300)")
+    parser.add_argument("--batched", type=int, default=20,
+                        help="batched requests per client (default 20)")
+    parser.add_argument("--batch", type=int, default=32, help="sentences per batched request")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    parser.add_argument("--adapters", type=int, default=10,
+                        help="adapters served at once for the memory figure (default 10)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="server precisions to measure")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="the server's --max-wait-ms (default 5, as `tunelab serve`)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for server and pipeline (default 0: every core); "
+                             "on a busy machine 1 avoids OpenMP stalls")
+    parser.add_argument("--child-load", type=Path, help=argparse.SUPPRESS)  # internal
+    return parser.parse_args(argv)
+
+
+def sentences() -> list[str]:
+    path = importlib.resources.files("tunelab.demo") / "sst2_test.csv"
+    with open(str(path), newline="", encoding="utf-8") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def quick_lora_run(workdir: Path) -> Path:
+    run = workdir / "minilm-lora"
+    subprocess.run([sys.executable, "-m", "tunelab", "train", "model.name=minilm",
+                    "method.name=lora", "train.max_steps=20", "train.tracker=none",
+                    f"run_dir={run}"], check=True, env=ENV, cwd=common.REPO_ROOT)
+    return run
+
+
+def percentiles(latencies: list[float]) -> dict:
+    ms = sorted(x * 1000 for x in latencies)
+    return {"p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+            "mean_ms": statistics.fmean(ms), "n": len(ms)}
+
+
+def concurrently(clients: int, work) -> float:
+    """Run work(i) in `clients` threads; wall seconds."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# baseline: transformers.pipeline in this process
+
+
+def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path) -> dict:
+    import torch
+    from transformers import pipeline
+
+    from tunelab.export import export
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    merged = export(run_dir, "merged", workdir / "merged")
+    pipe = pipeline("text-classification", model=str(merged), device=-1)
+    pipe(texts[:8])  # warm up
+    latencies = []
+    for i in range(args.single):
+        t = time.perf_counter()
+        pipe(texts[i % len(texts)])
+        latencies.append(time.perf_counter() - t)
+    n = args.batched * args.clients * args.batch
+    batch = [texts[i % len(texts)] for i in range(n)]
+    t = time.perf_counter()
+    pipe(batch, batch_size=args.batch)
+    wall = time.perf_counter() - t
+    return {"single": percentiles(latencies), "throughput": n / wall, "sentences": n}
+
+
+# --------------------------------------------------------------------------------------------
+# tunelab serve in a child process
+
+
+class Server:
+    def __init__(self, specs: list[str], precision: str, max_wait_ms: float, threads: int):
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "serve", *specs, "--port", str(self.port),
+             "--precision", precision, "--max-wait-ms", str(max_wait_ms),
+             "--threads", str(threads)],
+            env=ENV, cwd=common.REPO_ROOT, stdout=subprocess.DEVNULL,
+            stderr=self.log)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
+        for _ in range(1200):  # loading 10 runs of MiniLM takes a while on a busy box
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit(f"tunelab serve exited: {self.log.read().decode()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.25)
+        self.stop()
+        raise SystemExit("tunelab serve did not come up within 5 minutes")
+
+    def classify(self, model: str, texts: list[str]) -> None:
+        r = self.client.post("/v1/classify", json={"model": model, "texts": texts})
+        r.raise_for_status()
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def bench_server(run_dir: Path, precision: str, texts: list[str], args) -> dict:
+    server = Server([f"run={run_dir}"], precision, args.max_wait_ms, args.threads)
+    try:
+        for i in range(10):
+            server.classify("run", texts[i:i + args.batch])  # warm up
+        latencies = []
+        for i in range(args.single):
+            t = time.perf_counter()
+            server.classify("run", [texts[i % len(texts)]])
+            latencies.append(time.perf_counter() - t)
+
+        def client(c):
+            for k in range(args.batched):
+                start = ((c * args.batched + k) * args.batch) % len(texts)
+                server.classify("run", (texts * 2)[start:start + args.batch])
+
+        wall = concurrently(args.clients, client)
+        n = args.clients * args.batched * args.batch
+        return {"single": percentiles(latencies), "throughput": n / wall, "sentences": n,
+                "rss_mb": server.rss_mb()}
+    finally:
+        server.stop()
+
+
+def bench_memory(run_dir: Path, texts: list[str], args) -> dict:
+    """RSS after loading and after one request per adapter, with 1 and with N adapters."""
+    n, out = args.adapters, {}
+    for count in (1, n):
+        server = Server([f"a{i}={run_dir}" for i in range(count)], "fp32", args.max_wait_ms,
+                        args.threads)
+        try:
+            out[f"serve_loaded_{count}"] = server.rss_mb()
+            for i in range(count):
+                server.classify(f"a{i}", texts[:args.batch])
+            out[f"serve_served_{count}"] = server.rss_mb()
+        finally:
+            server.stop()
+    child = subprocess.run([sys.executable, __file__, "--child-load", str(run_dir),
+                            "--adapters", str(n), "--batch", str(args.batch)], env=ENV,
+                           capture_output=True, text=True, check=True, cwd=common.REPO_ROOT)
+    values = [float(x) for x in child.stdout.strip().splitlines()[-1].split()]
+    keys = ["load_loaded_1", "load_served_1", f"load_loaded_{n}", f"load_served_{n}"]
+    out.update(zip(keys, values))
+    return out
+
+
+def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
+    """`tunelab.load` n times in one process (no sharing); prints RSS after loading and after
+    one prediction call each, with 1 and then with n predictors."""
+    import psutil
+
+    import tunelab
+
+    def rss():
+        return psutil.Process().memory_info().rss / 2**20
+
+    predictors, values = [tunelab.load(run_dir, precision="fp32")], []
+    values.append(rss())
+    predictors[0].predict(texts[:batch])
+    values.append(rss())
+    predictors += [tunelab.load(run_dir, precision="fp32") for _ in range(n - 1)]
+    values.append(rss())
+    for p in predictors:
+        p.predict(texts[:batch])
+    values.append(rss())
+    print(*values)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    rows = []
+    base = result["pipeline"]
+    rows.append(["transformers.pipeline (in-process, no HTTP)",
+                 common.fmt(base["single"]["p50_ms"]), common.fmt(base["single"]["p99_ms"]),
+                 common.fmt(base["throughput"], 0), "1.00x"])
+    for precision, r in result["serve"].items():
+        rows.append([f"tunelab serve, {precision}", common.fmt(r["single"]["p50_ms"]),
+                     common.fmt(r["single"]["p99_ms"]), common.fmt(r["throughput"], 0),
+                     f"{r['throughput'] / base['throughput']:.2f}x"])
+    a = result["args"]
+    mem = result["memory"]
+    n = a["adapters"]
+    return "\n\n".join([
+        "## Serving latency and throughput (MiniLM, LoRA run)",
+        f"`{result['command']}` — {result['date']}; {common.machine_line(result['machine'])}.",
+        common.markdown_table(
+            ["", "1 sentence p50 (ms)", "p99 (ms)",
+             f"sentences/s ({a['clients']} clients x {a['batch']}/request)", "vs pipeline"],
+            rows),
+        f"Single-sentence requests are sequential ({a['single']} each); the server waits up to "
+        f"--max-wait-ms {a['max_wait_ms']:g} for more requests to batch with, which a lone "
+        "client pays. The pipeline gets its sentences as one list (batch_size "
+        f"{a['batch']}); the server gets them as {a['clients']} concurrent HTTP clients. The "
+        "client shares the machine with the server.",
+        common.markdown_table(
+            ["memory (RSS, MB)", "1 adapter", f"{n} adapters", "per extra adapter"],
+            [memory_row(mem, "serve", "loaded", n, "tunelab serve (one shared base), loaded"),
+             memory_row(mem, "serve", "served", n, "... after one request per adapter"),
+             memory_row(mem, "load", "loaded", n, f"{n} x tunelab.load in one process, loaded"),
+             memory_row(mem, "load", "served", n, "... after one prediction each")]),
+        f"The {n} adapters are copies of the run under different names. RSS after requests "
+        "includes activation buffers the allocator keeps, so it moves by tens of MB between "
+        "runs; the loaded figures are the stable ones. The server process also holds the "
+        "HTTP stack; the tunelab.load process does not.",
+    ])
+
+
+def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:
+    one, many = mem[f"{kind}_{when}_1"], mem[f"{kind}_{when}_{n}"]
+    return [title, common.fmt(one, 0), common.fmt(many, 0),
+            common.fmt((many - one) / (n - 1), 1) if n > 1 else "—"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    texts = sentences()
+    if args.child_load:
+        child_load(args.child_load, args.adapters, texts, args.batch)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        run_dir = args.run_dir or quick_lora_run(workdir)
+        print(f"run: {run_dir}", file=sys.stderr)
+        result = {"command": common.command_line(), "date": common.now(),
+                  "machine": common.machine_info(), "run_dir": str(run_dir),
+                  "args": {k: v for k, v in vars(args).items()
+                           if k in ("single", "batched", "batch", "clients", "adapters",
+                                    "max_wait_ms", "threads")}}
+        result["pipeline"] = bench_pipeline(run_dir, texts, args, workdir)
+        print(f"pipeline: {result['pipeline']}", file=sys.stderr)
+        result["serve"] = {}
+        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+            result["serve"][precision] = bench_server(run_dir, precision, texts, args)
+            print(f"serve {precision}: {result['serve'][precision]}", file=sys.stderr)
+        result["memory"] = bench_memory(run_dir, texts, args)
+        print(f"memory: {result['memory']}", file=sys.stderr)
+    common.write_json(args.out, result)
+    text = markdown(result)
+    print(text)
+    if args.markdown:
+        common.update_markdown_section(args.markdown, NAME, text)
+
+
+if __name__ == "__main__":
+    main()

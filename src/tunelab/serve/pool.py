@@ -1,0 +1,251 @@
+"""The model pool: every served run under a name; adapter runs on one base share its weights.
+
+A run that saved an adapter (every method but `full`) is the base model + the method + a few
+trained tensors. Loading each such run with `tunelab.load` would hold one copy of the base
+per run. Here the first run on a base loads the base once and keeps its pretrained tensors
+(`SharedBase`); every further run on that base is built as a skeleton on the meta device
+(no weights read, no memory), whose parameters and buffers are then pointed at the SAME
+storage as the base's. Only what the run trained (adapter + head, from adapter/) gets memory
+of its own:
+
+    base tensors  --shared-->  run A (lora):   frozen base + A's LoRA matrices + A's head
+                  --shared-->  run B (freeze): frozen base + B's head
+                  --shared-->  run C (bitfit): frozen base + C's own copies of the biases
+
+A parameter the method trains is given private storage before its weights are loaded, so a
+run never writes into the shared tensors. Runs with identical tokenizer files share one
+tokenizer too. Runs that saved a whole model (`full`) are loaded
+as they are. Every run is served through a `Predictor`, the engine behind `tunelab predict`.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tunelab import models, runs
+from tunelab.config import resolve_config
+from tunelab.errors import TunelabError
+from tunelab.methods import registry
+from tunelab.predict import Predictor
+from tunelab.tasks import classification as task
+from tunelab.train.evaluate import resolve_precision
+
+
+@dataclass
+class SharedBase:
+    """The pretrained tensors of one base model, by name in the plain (un-adapted) model."""
+
+    path: str
+    """The resolved base model (folder or hub id); runs whose model.name resolves to it share."""
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    config: object
+    """The Transformers config of the first build: skeletons are built from it."""
+    head_modules: list[str]
+    family: str
+
+    @classmethod
+    def capture(cls, path: str, built: task.BuiltModel) -> "SharedBase":
+        """Keep the base's tensors before the method touches the model. The new head is left
+        out: it is per run (its weights come from the run's adapter/)."""
+        def in_head(name):
+            return any(name == h or name.startswith(h + ".") for h in built.head_modules)
+
+        model = built.model
+        params = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+                  if not in_head(n)}
+        buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False) if not in_head(n)}
+        return cls(path, params, buffers, copy.deepcopy(model.config), list(built.head_modules),
+                   built.family)
+
+    def storages(self) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in [*self.params.values(),
+                                                         *self.buffers.values()]}
+
+
+@dataclass
+class Served:
+    name: str
+    run_dir: Path
+    predictor: Predictor
+    method: str
+    base_model: str
+    """config.model.name of the run."""
+    shared_base: str | None
+    """The resolved base whose tensors this run shares, or None (a whole saved model)."""
+    trainable_params: int
+    private_bytes: int
+    """Memory held by this run alone (tensors that are not the shared base's)."""
+
+    def describe(self) -> dict:
+        p = self.predictor
+        return {"name": self.name, "run_dir": str(self.run_dir), "task": p.config.task,
+                "base_model": self.base_model, "method": self.method, "labels": p.labels,
+                "trainable_params": self.trainable_params, "shares_base": self.shared_base,
+                "private_mb": round(self.private_bytes / 2**20, 3),
+                "precision": "bf16" if p.bf16 else "fp32"}
+
+
+class ModelPool:
+    """Runs by name. `add` is thread-safe; lookups are plain dict reads."""
+
+    def __init__(self, precision: str = "auto", batch_size: int = 64):
+        self.precision = precision
+        self.batch_size = batch_size
+        self.models: dict[str, Served] = {}
+        self.bases: dict[str, SharedBase] = {}
+        self.tokenizers: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def add(self, name: str, run_dir) -> Served:
+        run_dir = Path(run_dir)
+        with self._lock:
+            if name in self.models:
+                raise TunelabError(f"a model named {name!r} is already served "
+                                   f"(from {self.models[name].run_dir})")
+            served = self._load(name, run_dir)
+            self.models[name] = served
+        return served
+
+    def _load(self, name: str, run_dir: Path) -> Served:
+        if not runs.is_run_dir(run_dir):
+            raise TunelabError(f"{run_dir} is not a tunelab run (no config.yaml/label_map.json)")
+        config = resolve_config(run_dir / "config.yaml")
+        env = runs.read_json(run_dir / "env.json")
+        label_map = runs.read_json(run_dir / "label_map.json")
+        labels = [label_map[str(i)] for i in range(len(label_map))]
+        spec = registry.get_method(config.method.name)
+        if spec.saves == "model":
+            predictor = Predictor.from_run(run_dir, self.precision, self.batch_size)
+            trainable, _ = registry.count_parameters(predictor.model)
+            size = sum(t.numel() * t.element_size() for t in predictor.model.state_dict().values())
+            return Served(name, run_dir, predictor, spec.name, config.model.name, None,
+                          trainable, size)
+        model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
+        # the same precision rule as Predictor.from_run
+        chosen = env.get("precision", "fp32") if self.precision == "auto" else self.precision
+        bf16 = resolve_precision(chosen, "cpu") == "bf16"
+        predictor = Predictor(model, tokenizer, labels, config.model.max_length, bf16,
+                              self.batch_size, config)
+        predictor.run_dir = run_dir
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return Served(name, run_dir, predictor, spec.name, config.model.name, base.path,
+                      trainable, private_bytes(model, base))
+
+    def _build_adapter_model(self, run_dir: Path, config, labels: list[str], env: dict):
+        """Base (shared) + method + the run's adapter/ weights; mirrors predict.load_run_model."""
+        if runs.existing_dir(run_dir / "adapter") is None:
+            raise TunelabError(f"{run_dir} has no adapter/ folder: did the run finish?")
+        path = models.resolve_model(config.model.name)
+        base = self.bases.get(path)
+        if base is None:  # the first run on this base reads its weights, once
+            built = task.build_model(config.model.name, labels, config.train.seed)
+            base = self.bases[path] = SharedBase.capture(path, built)
+            model, tokenizer = built.model, built.tokenizer
+        else:
+            model, tokenizer = skeleton(base, labels), None
+        ctx = registry.ApplyContext(config.task, base.head_modules, base.family,
+                                    env.get("total_steps"))
+        model = registry.apply_method(model, config.method.name, config.method.settings, ctx)
+        load_adapter(model, run_dir / "adapter", base)
+        return model.eval(), self._tokenizer(run_dir, path, tokenizer), base
+
+    def _tokenizer(self, run_dir: Path, base_path: str, built=None):
+        """The run's tokenizer; runs whose tokenizer files are identical share one object
+        (a BERT tokenizer is ~10 MB, ten times what a LoRA adapter of MiniLM holds). Sharing is
+        safe: only the batcher's one worker thread tokenizes."""
+        folder = runs.existing_dir(run_dir / "tokenizer")
+        if folder is None:
+            key = f"base:{base_path}"
+        else:
+            key = "files:" + ",".join(f"{f.name}={runs.file_hash(f)}"
+                                      for f in sorted(folder.iterdir()) if f.is_file())
+        if key not in self.tokenizers:
+            if folder is not None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            else:
+                tokenizer = built or models.load_tokenizer(base_path)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self.tokenizers[key] = tokenizer
+        return self.tokenizers[key]
+
+
+def skeleton(base: SharedBase, labels: list[str]) -> torch.nn.Module:
+    """The base model class for `labels`, built on the meta device (nothing allocated), with
+    every parameter and buffer that the base has pointed at the base's storage. What the base
+    lacks (the new head) is zero-filled: the run's adapter/ holds its trained values."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(base.config)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {x: i for i, x in enumerate(labels)}
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> real one, so ties stay tied
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in done:
+                    data = _real(base.params.get(prefix + key), p)
+                    done[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                module._parameters[key] = done[id(p)]
+        for key, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in done:
+                    done[id(b)] = _real(base.buffers.get(prefix + key), b)
+                module._buffers[key] = done[id(b)]
+    return model
+
+
+def _real(shared: torch.Tensor | None, meta: torch.Tensor) -> torch.Tensor:
+    if shared is not None and shared.shape == meta.shape and shared.dtype == meta.dtype:
+        return shared
+    return torch.zeros(meta.shape, dtype=meta.dtype)
+
+
+def load_adapter(model: torch.nn.Module, folder: Path, base: SharedBase) -> None:
+    """Load a run's trained tensors. Every parameter the file holds first gets storage of its
+    own, so that loading (an in-place copy) can never write into the shared base."""
+    found = runs.existing_dir(folder)
+    state = load_file(str(found / runs.WEIGHTS))
+    named = dict(model.named_parameters())
+    trained = {n for n, p in named.items() if p.requires_grad}
+    unexpected = sorted(set(state) - set(named))
+    missing = sorted(trained - set(state))
+    if unexpected or missing:
+        raise TunelabError(f"{found}: weights do not fit the model (unexpected {unexpected[:3]}, "
+                           f"missing {missing[:3]}); was the method or base changed?")
+    shared = base.storages()
+    owners = {id(p): (module, key) for module in model.modules()
+              for key, p in module._parameters.items() if p is not None}
+    for name in state:
+        p = named[name]
+        if p.untyped_storage().data_ptr() in shared:
+            module, key = owners[id(p)]
+            module._parameters[key] = torch.nn.Parameter(p.detach().clone(),
+                                                         requires_grad=p.requires_grad)
+    model.load_state_dict(state, strict=False)
+
+
+def private_bytes(model: torch.nn.Module, base: SharedBase) -> int:
+    shared = base.storages()
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in shared and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
