@@ -50,6 +50,15 @@ def build_tiny(family: str):
                                                       pad_token_id=0))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def base_dirs(tmp_path_factory):
     """Each family's tiny base saved once, so every load starts from the same weights."""
@@ -107,11 +116,8 @@ def perturb(model, seed=1):
                 p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
-# Known bugs in code outside this matrix's methods: strict, so the fix flags the mark.
-KNOWN_BUGS = {("lora", "mpnet"): pytest.mark.xfail(strict=True, reason=(
-    "lora.py passes classifier.dense/out_proj to PEFT, which also wraps the whole classifier: "
-    "the trained inner copies never run. Filter the heads as "
-    "tunelab.methods.ia3.peft_modules_to_save does."))}
+# Known bugs in code outside this matrix's methods: strict xfail marks, so a fix flags them.
+KNOWN_BUGS: dict = {}
 
 
 def cases(supported=True, known_bugs=False):
@@ -454,6 +460,8 @@ def test_support_rows_match_the_registry():
 
 def test_docs_table_matches_the_registry():
     """docs/methods.md: every method has a row, and its family ticks are the registry's."""
+    from tunelab.methods.table import format_lr
+
     doc = (Path(__file__).parents[2] / "docs" / "methods.md").read_text(encoding="utf-8")
     for spec in registry.all_methods():
         row = re.search(rf"^\| `{spec.name}` \|(.*)$", doc, re.M)
@@ -462,6 +470,7 @@ def test_docs_table_matches_the_registry():
         ticks = tuple(f for f, c in zip(FAMILIES, cells[:3]) if c == "✓")
         assert ticks == spec.families, f"{spec.name}: docs say {ticks}"
         assert cells[3] == ("✓" if spec.mergeable else "—"), f"{spec.name}: merge column"
+        assert cells[6] == format_lr(spec.default_lr), f"{spec.name}: default lr column"
 
 
 # --- the real packaged MiniLM ---------------------------------------------------------------

@@ -101,14 +101,14 @@ def merge(model):
     return model.merge_and_unload()
 
 
-@register_method("adalora", settings=AdaLoraSettings, default_lr=1e-3, mergeable=True,
+@register_method("adalora", settings=AdaLoraSettings, default_lr=5e-3, mergeable=True,
                  saves="adapter", paper="Zhang et al. 2023, arXiv 2303.10512", merge=merge,
                  on_step=on_step, extra_loss=extra_loss,
                  summary="LoRA whose rank budget moves to the layers that need it (PEFT)")
 def apply(model, settings, ctx):
     from peft import AdaLoraConfig, get_peft_model
 
-    from tunelab.methods.ia3 import peft_modules_to_save
+    from tunelab.methods.registry import peft_modules_to_save
     from tunelab.methods.lora import DEFAULT_TARGETS, peft_task_type
 
     config = AdaLoraConfig(task_type=peft_task_type(ctx.task), init_r=settings.init_r,

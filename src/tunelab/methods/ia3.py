@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method
+from tunelab.methods.registry import peft_modules_to_save, MethodSettings, register_method
 
 # The paper's placement: keys, values and the feed-forward down projection (its input is
 # rescaled). Regexes (PEFT full-matches them against module names) so that BERT's attention
@@ -24,11 +24,6 @@ DEFAULT_TARGETS = {
               r".*\.layer\.\d+\.output\.dense"),
     "decoder": (r".*\.self_attn\.(k_proj|v_proj)|.*\.mlp\.down_proj", r".*\.mlp\.down_proj"),
 }
-
-# PEFT's sequence-classification wrapper always saves `classifier` and `score` whole; listing a
-# module inside them as well wraps it twice, and the inner copy trains but never runs.
-PEFT_HEADS = ("classifier", "score")
-
 
 @dataclass
 class IA3Settings(MethodSettings):
@@ -52,10 +47,6 @@ class IA3Settings(MethodSettings):
                               "or neither")
 
 
-def peft_modules_to_save(head_modules: list[str]) -> list[str]:
-    return [h for h in head_modules if h.split(".")[0] not in PEFT_HEADS]
-
-
 def merge(model):
     # PEFT's IA3 unload assumes every saved module has a .weight (true for BERT's Linear head,
     # not for MPNet's two-layer head), so put the trained head copies in place first.
@@ -71,7 +62,7 @@ def merge(model):
     return model.merge_and_unload()
 
 
-@register_method("ia3", settings=IA3Settings, default_lr=3e-3, mergeable=True, saves="adapter",
+@register_method("ia3", settings=IA3Settings, default_lr=1e-2, mergeable=True, saves="adapter",
                  paper="Liu et al. 2022, arXiv 2205.05638", merge=merge,
                  summary="learned rescaling of keys, values and feed-forward activations (PEFT)")
 def apply(model, settings, ctx):

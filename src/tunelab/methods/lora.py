@@ -7,7 +7,7 @@ Trains: the A/B matrices and the task head. Saves: those parameters only. Mergea
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method
+from tunelab.methods.registry import MethodSettings, peft_modules_to_save, register_method
 
 # Module names per family: all attention projections and the feed-forward layers. On a small
 # encoder, LoRA on query/value only barely moves the loss (PERF notes); all linear layers at
@@ -55,7 +55,8 @@ def apply(model, settings, ctx):
     targets = settings.target_modules or DEFAULT_TARGETS[ctx.family]
     config = LoraConfig(task_type=peft_task_type(ctx.task), r=settings.r,
                         lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, modules_to_save=list(ctx.head_modules))
+                        target_modules=targets,
+                        modules_to_save=peft_modules_to_save(ctx.head_modules))
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -154,7 +154,7 @@ def attention_modules(model, family: str) -> list[nn.Module]:
             if all(isinstance(getattr(m, c, None), nn.Linear) for c in (q, k, v))]
 
 
-@register_method("prefix", settings=PrefixSettings, default_lr=5e-3, mergeable=False,
+@register_method("prefix", settings=PrefixSettings, default_lr=1.5e-3, mergeable=False,
                  saves="adapter", paper="Li & Liang 2021, arXiv 2101.00190",
                  summary="learned key/value prefix in every attention layer")
 def apply(model, settings, ctx):

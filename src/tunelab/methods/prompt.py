@@ -72,7 +72,7 @@ def wrap(model, config, ctx, what: str):
 def apply(model, settings, ctx):
     from peft import PromptTuningConfig
 
-    from tunelab.methods.ia3 import peft_modules_to_save
+    from tunelab.methods.registry import peft_modules_to_save
     from tunelab.methods.lora import peft_task_type
 
     config = PromptTuningConfig(task_type=peft_task_type(ctx.task),

@@ -44,7 +44,7 @@ class PTuningSettings(MethodSettings):
 def apply(model, settings, ctx):
     from peft import PromptEncoderConfig
 
-    from tunelab.methods.ia3 import peft_modules_to_save
+    from tunelab.methods.registry import peft_modules_to_save
     from tunelab.methods.lora import peft_task_type
 
     extra = {}

@@ -133,6 +133,16 @@ def set_head_trainable(model: torch.nn.Module, head_modules: list[str]) -> None:
                 p.requires_grad_(True)
 
 
+# PEFT's sequence-classification wrapper always saves `classifier` and `score` whole; listing a
+# module inside them as well wraps it twice, and the inner copy trains but never runs.
+PEFT_HEADS = ("classifier", "score")
+
+
+def peft_modules_to_save(head_modules: list[str]) -> list[str]:
+    """The head modules to pass to PEFT's modules_to_save (those it does not save itself)."""
+    return [h for h in head_modules if h.split(".")[0] not in PEFT_HEADS]
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 

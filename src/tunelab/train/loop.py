@@ -80,7 +80,8 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -
         for start in range(pos * cfg.grad_accum, len(batches), cfg.grad_accum):
             group = batches[start:start + cfg.grad_accum]
             t0 = time.perf_counter()
-            loss_sum, items, tokens = optimizer_step(p, spec, model, optimizer, scheduler, group)
+            loss_sum, items, tokens = optimizer_step(p, spec, model, optimizer, scheduler, group,
+                                                     state.step + 1)
             state.step += 1
             state.train_seconds += time.perf_counter() - t0
             state.tokens += tokens
@@ -88,8 +89,6 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -
             window["loss"] += loss_sum
             window["items"] += items
             window["tokens"] += tokens
-            if spec.on_step:
-                spec.on_step(acc.unwrap_model(model), state.step)
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == p.total_steps:
                 log_train(p, state, window, scheduler, bar, epoch)
@@ -100,7 +99,8 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -
     bar.close()
 
 
-def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group) -> tuple[float, int, int]:
+def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
+                   step: int = 1) -> tuple[float, int, int]:
     """One optimizer step over `group` micro-batches. The loss is the sum over every item of
     the step (all micro-batches, all processes) divided by their total count, so it equals the
     full-batch loss whatever the accumulation or world size."""
@@ -127,6 +127,8 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group) -> tup
     if p.config.train.max_grad_norm:
         acc.clip_grad_norm_(model.parameters(), p.config.train.max_grad_norm)
     optimizer.step()
+    if spec.on_step is not None:  # AdaLoRA's rank allocation reads the gradients: before zeroing
+        spec.on_step(acc.unwrap_model(model), step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, local_items, tokens
