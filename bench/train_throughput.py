@@ -233,7 +233,9 @@ def run_trainer(job: dict, method: str, tuned: bool) -> dict:
     prediction = trainer.predict(test_ds)
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) \
         else prediction.predictions
-    accuracy = float((np.argmax(logits, -1) == np.array(test_ds.labels)).mean())
+    # label_ids come back in the order of the predictions: with length-grouped sampling
+    # Trainer reorders the test set too, so comparing with test_ds.labels would be wrong
+    accuracy = float((np.argmax(logits, -1) == np.asarray(prediction.label_ids)).mean())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"train_seconds": round(seconds, 2), "test_accuracy": accuracy,
             "precision": "bf16" if tuned else "fp32", "steps": output.global_step,
