@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from tunelab import runs
-from tunelab.config import resolve_config
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.tasks import classification as task
@@ -35,12 +34,7 @@ class Predictor:
     def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64) -> "Predictor":
         """precision: auto (what the run trained with), bf16 or fp32."""
         run_dir = Path(run_dir)
-        if not runs.is_run_dir(run_dir):
-            raise TunelabError(f"{run_dir} is not a tunelab run (no config.yaml/label_map.json)")
-        config = resolve_config(run_dir / "config.yaml")
-        env = runs.read_json(run_dir / "env.json")
-        label_map = runs.read_json(run_dir / "label_map.json")
-        labels = [label_map[str(i)] for i in range(len(label_map))]
+        config, env, labels = runs.read_run(run_dir)
         model, tokenizer = load_run_model(run_dir, config, labels, env)
         chosen = env.get("precision", "fp32") if precision == "auto" else precision
         bf16 = resolve_precision(chosen, "cpu") == "bf16"

@@ -216,6 +216,18 @@ def read_json(path: Path) -> dict:
         raise TunelabError(f"{path} is missing: is {Path(path).parent} a tunelab run?") from None
 
 
+def read_run(run_dir: Path):
+    """(config, env, labels) of a finished or running run directory."""
+    from tunelab.config import resolve_config
+
+    if not is_run_dir(run_dir):
+        raise TunelabError(f"{run_dir} is not a tunelab run (no config.yaml/label_map.json)")
+    config = resolve_config(run_dir / "config.yaml")
+    env = read_json(run_dir / "env.json")
+    label_map = read_json(run_dir / "label_map.json")
+    return config, env, [label_map[str(i)] for i in range(len(label_map))]
+
+
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "label_map.json").is_file()
 

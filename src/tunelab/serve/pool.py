@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab import models, runs
-from tunelab.config import resolve_config
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.predict import Predictor
@@ -116,12 +115,7 @@ class ModelPool:
         return served
 
     def _load(self, name: str, run_dir: Path) -> Served:
-        if not runs.is_run_dir(run_dir):
-            raise TunelabError(f"{run_dir} is not a tunelab run (no config.yaml/label_map.json)")
-        config = resolve_config(run_dir / "config.yaml")
-        env = runs.read_json(run_dir / "env.json")
-        label_map = runs.read_json(run_dir / "label_map.json")
-        labels = [label_map[str(i)] for i in range(len(label_map))]
+        config, env, labels = runs.read_run(run_dir)
         spec = registry.get_method(config.method.name)
         if spec.saves == "model":
             predictor = Predictor.from_run(run_dir, self.precision, self.batch_size)
