@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -230,7 +229,3 @@ def read_run(run_dir: Path):
 
 def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "label_map.json").is_file()
-
-
-def rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -91,8 +91,8 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -
             window["tokens"] += tokens
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == p.total_steps:
-                log_train(p, state, window, scheduler, bar, epoch)
-            after_step(p, spec, model, optimizer, scheduler, state, epoch)
+                log_train(p, state, window, scheduler, bar)
+            after_step(p, spec, model, optimizer, scheduler, state)
             if state.step >= p.total_steps or state.stopped_early:
                 break
         epoch, pos = epoch + 1, 0
@@ -134,7 +134,7 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
     return loss_sum, local_items, tokens
 
 
-def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar, epoch: int) -> None:
+def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar) -> None:
     acc = p.accelerator
     stats = torch.tensor([window["loss"], window["items"], window["tokens"]], dtype=torch.double)
     if acc.num_processes > 1:
@@ -148,7 +148,7 @@ def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar, epoch
     window.update(loss=0.0, items=0, tokens=0, t0=time.perf_counter())
 
 
-def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState, epoch) -> None:
+def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -> None:
     """Evaluate, keep the best weights, stop early and checkpoint when due."""
     cfg = p.config.train
     last = state.step >= p.total_steps
@@ -216,7 +216,7 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
         "seconds": round(state.train_seconds, 2), "samples": state.samples * acc.num_processes,
         "samples_per_s": state.samples * acc.num_processes / seconds,
         "tokens_per_s": state.tokens * acc.num_processes / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / total, "precision": "bf16" if p.bf16 else "fp32",
         "processes": acc.num_processes,
