@@ -38,21 +38,22 @@ def cmd_train(args) -> None:
 
 def cmd_check(args) -> None:
     from tunelab.config import resolve_config
-    from tunelab.data.classification import format_preflight, load_classification_data
-    from tunelab.tasks import classification as task
+    from tunelab.tasks import get_task
 
     recipe, overrides = split_recipe(args.recipe, args.overrides)
     config = resolve_config(recipe, overrides)
-    data = load_classification_data(config.data)
-    print(format_preflight(data))
-    built = task.build_model(config.model.name, data.labels, config.train.seed)
-    first = data.splits["train"][0]
-    enc = task.encode_examples(built.tokenizer, [first], config.model.max_length)
-    tokens = built.tokenizer.convert_ids_to_tokens(enc.input_ids[0])
-    print(f"\nfirst training example ({first.source}), label {data.labels[first.label]!r}, "
-          f"{len(tokens)} tokens:\n  " + " ".join(tokens))
+    task = get_task(config)
+    data = task.load_data()
+    print(task.format_preflight(data))
+    built = task.build_model(data.labels)
     for split, rows in data.splits.items():
-        e = task.encode_examples(built.tokenizer, rows, config.model.max_length)
+        e = task.encode(built.tokenizer, rows)
+        if split == "train" and len(e):
+            first = getattr(rows[0], "source", "") if hasattr(rows, "__getitem__") else ""
+            print(f"\nfirst training example{f' ({first})' if first else ''}: "
+                  + task.show_example(built.tokenizer, e, 0))
+        if not len(e):
+            continue
         lengths = sorted(e.lengths)
         print(f"{split}: tokens per example median {lengths[len(lengths) // 2]}, "
               f"max {lengths[-1]}, truncated at {config.model.max_length}: {e.truncated}")
@@ -60,46 +61,28 @@ def cmd_check(args) -> None:
 
 def cmd_eval(args) -> None:
     import tunelab
-    from tunelab.data.classification import load_labeled_file
-    from tunelab.eval.metrics import format_report, plot_confusion
     from tunelab.io import atomic_write_json
 
     predictor = tunelab.load(args.run_dir, precision=args.precision)
-    examples, problems = load_labeled_file(args.data, predictor.config.data, predictor.labels,
-                                           args.format)
+    metrics, tracker, problems = predictor.evaluate_file(args.data, args.format)
     for pr in problems[:10]:
-        print(f"skipped {pr.file}:{pr.line} column {pr.column!r}: {pr.reason}", file=sys.stderr)
+        print(f"skipped {pr.where()}: {pr.reason}", file=sys.stderr)
     if len(problems) > 10:
         print(f"... and {len(problems) - 10} more skipped rows", file=sys.stderr)
-    metrics, counts = predictor.evaluate(examples)
-    print(format_report(counts.numpy(), predictor.labels, metrics))
+    print(tracker.report())
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / Path(args.data).stem
-    atomic_write_json(out / "metrics.json", {**metrics, "skipped": len(problems),
-                                             "confusion": counts.tolist(),
-                                             "labels": predictor.labels, "data": args.data})
-    plot_confusion(counts.numpy(), predictor.labels, out / "confusion.png", Path(args.data).name)
+    extra = tracker.save_artifacts(out, "eval", Path(args.data).name)
+    atomic_write_json(out / "metrics.json", {**metrics, "skipped": len(problems), **extra,
+                                             "data": args.data})
     print(f"\nwritten: {out / 'metrics.json'}, {out / 'confusion.png'}")
 
 
 def cmd_predict(args) -> None:
-    from tqdm.auto import tqdm
-
     import tunelab
-    from tunelab.data.classification import read_prediction_inputs
     from tunelab.data.readers import write_rows
 
     predictor = tunelab.load(args.run_dir, precision=args.precision, batch_size=args.batch_size)
-    rows, examples = read_prediction_inputs(args.input, predictor.config.data, args.format)
-    out_rows, chunk = [], 2048
-    with tqdm(total=len(examples), unit="text", desc="predict", mininterval=1.0) as bar:
-        for start in range(0, len(examples), chunk):
-            part = examples[start:start + chunk]
-            pairs = [e.text_pair or "" for e in part] if any(e.text_pair for e in part) else None
-            preds = predictor.predict([e.text for e in part], pairs)
-            for row, pred in zip(rows[start:start + chunk], preds):
-                out_rows.append({**row.values, "predicted_label": pred["label"],
-                                 "score": round(pred["score"], 6)})
-            bar.update(len(part))
+    out_rows = predictor.predict_file(args.input, args.format)
     write_rows(args.output, out_rows, args.out_format or "auto")
     print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
 

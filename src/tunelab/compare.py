@@ -27,25 +27,28 @@ def supported_methods(config) -> list[str]:
 
     family = models.model_family(models.load_config(models.resolve_model(config.model.name)))
     return [m.name for m in registry.all_methods()
-            if family in m.families and config.task in m.tasks]
+            if family in m.families and config.task.name in m.tasks]
 
 
 def compare(recipe: str | None, overrides: list[str], methods: list[str] | None,
             out_dir: str | Path) -> list[dict]:
+    from tunelab.tasks import get_task
+
     base = resolve_config(recipe, overrides)  # validates the recipe once, up front
+    metric = get_task(base).metric
     methods = methods or supported_methods(base)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, name in enumerate(methods, 1):
         print(f"[{i}/{len(methods)}] {name} ...", file=sys.stderr, flush=True)
-        row = run_method(recipe, overrides, name, out_dir / name, base.train.metric)
+        row = run_method(recipe, overrides, name, out_dir / name, metric)
         rows.append(row)
-        status = (f"{base.train.metric} {row['test'] if row['test'] is not None else row['validation']}"
+        status = (f"{metric} {row['test'] if row['test'] is not None else row['validation']}"
                   if row["status"] == "ok" else f"FAILED: {row['error']}")
         print(f"[{i}/{len(methods)}] {name}: {status} ({row['train_seconds']} s)", file=sys.stderr,
               flush=True)
-        write_outputs(rows, out_dir, base.train.metric)
+        write_outputs(rows, out_dir, metric)
     return rows
 
 

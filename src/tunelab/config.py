@@ -19,8 +19,8 @@ import yaml
 
 from tunelab.errors import ConfigError
 
-TASKS = ("classification",)
 PRECISIONS = ("auto", "bf16", "fp32")
+FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "labeltext", "conll", "text")
 SCHEDULES = ("linear", "cosine", "constant")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
 
@@ -47,7 +47,9 @@ class DataConfig:
     test: str | None = None
     """Test file. Unset: `test_ratio` of the training rows are held out (0 = no test split)."""
     format: str = "auto"
-    """File format: auto (from the extension), csv, tsv, json, jsonl, parquet or labeltext."""
+    """File format: auto (from the extension and the task), csv, tsv, json, jsonl, parquet,
+    labeltext ('LABEL text' lines), conll (token columns, blank line between sentences) or text
+    (plain text corpus)."""
     text_column: str = "text"
     """Column holding the text."""
     text_pair_column: str | None = None
@@ -71,9 +73,8 @@ class DataConfig:
         _check(0.0 <= self.test_ratio < 1.0, "data.test_ratio must be in [0, 1)")
         _check(self.validation_ratio + self.test_ratio < 1.0,
                "data.validation_ratio + data.test_ratio must be below 1")
-        _check(self.format in ("auto", "csv", "tsv", "json", "jsonl", "parquet", "labeltext"),
-               f"data.format must be one of auto, csv, tsv, json, jsonl, parquet, labeltext; "
-               f"got {self.format!r}")
+        _check(self.format in FORMATS,
+               f"data.format must be one of {', '.join(FORMATS)}; got {self.format!r}")
         _check(self.max_train_rows is None or self.max_train_rows > 0,
                "data.max_train_rows must be positive")
 
@@ -108,8 +109,10 @@ class TrainConfig:
     """Evaluate on the validation split every N optimizer steps; unset = once per epoch."""
     save_every: int | None = None
     """Write a resumable checkpoint every N optimizer steps; unset = at every evaluation."""
-    metric: str = "accuracy"
-    """Validation metric that picks the best checkpoint and drives early stopping."""
+    metric: str | None = None
+    """Validation metric that picks the best checkpoint and drives early stopping. Unset: the
+    task's first metric (accuracy for classification, f1 for token classification, loss for
+    language modelling)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement of `metric`; unset = never."""
     seed: int = 42
@@ -151,9 +154,21 @@ class MethodConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "classification"
+    """What the model learns (see `tunelab tasks`): classification, token_classification, ..."""
+    settings: Any = None
+    """The task's own settings, written beside `name` (task.scheme=BIOES); `task: NAME` alone
+    is short for `task: {name: NAME}`."""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.settings)}
+
+
+@dataclass
 class RunConfig:
-    task: str = "classification"
-    """What the model learns: classification (single texts or text pairs)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What the model learns and the task's settings."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Where the pretrained model comes from."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,14 +180,12 @@ class RunConfig:
     run_dir: str | None = None
     """Where the run is written. Unset: runs/<date>-<time>-<method>."""
 
-    def __post_init__(self):
-        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
-
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("model", "data", "train"):
             out[key] = dataclasses.asdict(out[key])
         out["method"] = self.method.to_dict()
+        out["task"] = self.task.to_dict()
         return out
 
     def hash(self) -> str:
@@ -308,9 +321,24 @@ def resolve_config(recipe: str | Path | None = None, overrides: list[str] = (),
         path, value = parse_override(text)
         merge_override(tree, path, value)
     method_tree = tree.pop("method", None) or {}
+    task_tree = tree.pop("task", None) or {}
     config = build_dataclass(RunConfig, tree, "")
     config.method = build_method_config(method_tree)
+    config.task = build_task_config(task_tree)
     return config
+
+
+def build_task_config(values) -> TaskConfig:
+    from tunelab.tasks import task_class
+
+    if isinstance(values, str):
+        values = {"name": values}
+    if not isinstance(values, dict):
+        raise ConfigError(f"task must be a task name or a mapping with a name, got {values!r}")
+    values = dict(values)
+    name = values.pop("name", "classification")
+    cls = task_class(name)
+    return TaskConfig(name=name, settings=build_dataclass(cls.settings_class, values, "task"))
 
 
 def build_method_config(values: dict) -> MethodConfig:

@@ -1,4 +1,4 @@
-"""Load a finished run and predict with it: the engine behind `eval`, `predict` and the API.
+"""Load a finished classification run and predict with it: the engine behind `eval`, `predict` and the API.
 
     >>> import tunelab
     >>> tunelab.load("runs/sst2-lora").predict(["a gripping, beautiful film"])
@@ -13,7 +13,8 @@ import torch
 from tunelab import runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
-from tunelab.tasks import classification as task
+from tunelab.tasks import classification as cls_task
+from tunelab.tasks import get_task
 from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
 
 
@@ -28,6 +29,7 @@ class Predictor:
         self.batch_size = batch_size
         self.config = config
         self.device = next(model.parameters()).device
+        self.task = get_task(config) if config is not None else None
         self.run_dir: Path | None = None
 
     @classmethod
@@ -42,16 +44,16 @@ class Predictor:
         predictor.run_dir = run_dir
         return predictor
 
-    def encode(self, texts: list[str], pairs: list[str] | None = None) -> task.Encoded:
-        return task.encode(self.tokenizer, list(texts), list(pairs) if pairs else None,
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> cls_task.Encoded:
+        return cls_task.encode(self.tokenizer, list(texts), list(pairs) if pairs else None,
                            [0] * len(texts), self.max_length)
 
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
         """(N, C) fp32 logits in input order."""
         data = self.encode(texts, pairs)
         out = torch.empty(len(texts), len(self.labels))
-        for idx, logits in iter_logits(self.model, data, self.batch_size,
-                                       self.tokenizer.pad_token_id, self.device, self.bf16):
+        for idx, logits, _ in iter_logits(self._task(), self.model, data, self.batch_size,
+                                          self.tokenizer.pad_token_id, self.device, self.bf16):
             out[idx] = logits
         return out
 
@@ -68,28 +70,67 @@ class Predictor:
                         "scores": {name: float(v) for name, v in zip(self.labels, row)}})
         return out
 
-    def evaluate(self, examples) -> tuple[dict, torch.Tensor]:
-        data = task.encode_examples(self.tokenizer, examples, self.max_length)
-        return evaluate(self.model, data, len(self.labels), self.batch_size,
+    def evaluate(self, examples):
+        """(metrics dict, the task's Metrics object: .report(), .save_artifacts())."""
+        data = cls_task.encode_examples(self.tokenizer, examples, self.max_length)
+        return evaluate(self._task(), self.model, data, self.labels, self.batch_size,
                         self.tokenizer.pad_token_id, self.device, self.bf16)
+
+    def evaluate_file(self, path: str, format: str = "auto"):
+        """(metrics, Metrics object, dropped rows) for a labelled file (`tunelab eval`)."""
+        from tunelab.data.classification import load_labeled_file
+
+        examples, problems = load_labeled_file(path, self.config.data, self.labels, format)
+        metrics, tracker = self.evaluate(examples)
+        return metrics, tracker, problems
+
+    def predict_file(self, path: str, format: str = "auto", chunk: int = 2048) -> list[dict]:
+        """Every input row with `predicted_label` and `score` added (`tunelab predict`)."""
+        from tqdm.auto import tqdm
+
+        from tunelab.data.classification import read_prediction_inputs
+
+        rows, examples = read_prediction_inputs(path, self.config.data, format)
+        out_rows = []
+        with tqdm(total=len(examples), unit="text", desc="predict", mininterval=1.0) as bar:
+            for start in range(0, len(examples), chunk):
+                part = examples[start:start + chunk]
+                pairs = ([e.text_pair or "" for e in part] if any(e.text_pair for e in part)
+                         else None)
+                preds = self.predict([e.text for e in part], pairs)
+                for row, pred in zip(rows[start:start + chunk], preds):
+                    out_rows.append({**row.values, "predicted_label": pred["label"],
+                                     "score": round(pred["score"], 6)})
+                bar.update(len(part))
+        return out_rows
+
+    def _task(self):
+        if self.task is None:
+            from tunelab.config import resolve_config
+
+            self.task = get_task(resolve_config(overrides=["task=classification"]))
+        return self.task
 
 
 def load_run_model(run_dir: Path, config, labels: list[str], env: dict):
     """The trained model of a run: model/ as is, or the base + method + adapter/ weights."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     spec = registry.get_method(config.method.name)
+    task = get_task(config)
     if spec.saves == "model":
         folder = runs.existing_dir(run_dir / "model")
         if folder is None:
             raise TunelabError(f"{run_dir} has no model/ folder: did the run finish?")
-        return (AutoModelForSequenceClassification.from_pretrained(folder),
-                AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return getattr(transformers, task.auto_class).from_pretrained(folder), tokenizer
     if runs.existing_dir(run_dir / "adapter") is None:
         raise TunelabError(f"{run_dir} has no adapter/ folder: did the run finish?")
-    built = task.build_model(config.model.name, labels, config.train.seed)
-    ctx = registry.ApplyContext(config.task, built.head_modules, built.family,
-                                env.get("total_steps"))
+    built = task.build_model(labels)
+    ctx = registry.context_for(config, built, env.get("total_steps"))
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     runs.load_state_dict_into(model, run_dir / "adapter")
     tokenizer_dir = runs.existing_dir(run_dir / "tokenizer")

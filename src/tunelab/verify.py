@@ -55,18 +55,17 @@ def load_adapter_export(folder: Path, meta: dict):
     from tunelab import runs
     from tunelab.config import resolve_config
     from tunelab.methods import registry
-    from tunelab.tasks import classification as task
+    from tunelab.tasks import get_task
 
     run_dir = Path(meta["run"])
     config = resolve_config(run_dir / "config.yaml")
-    built = task.build_model(config.model.name, meta["labels"], config.train.seed)
+    built = get_task(config).build_model(meta["labels"])
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(built.model, folder).eval(), built.tokenizer
     env = runs.read_json(run_dir / "env.json")
-    ctx = registry.ApplyContext(config.task, built.head_modules, built.family,
-                                env.get("total_steps"))
+    ctx = registry.context_for(config, built, env.get("total_steps"))
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     runs.load_state_dict_into(model, folder)
     return model.eval(), built.tokenizer

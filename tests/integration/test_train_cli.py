@@ -75,7 +75,7 @@ def test_eval_and_predict_commands(tiny_overrides, toy_data, tmp_path, capsys):
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     results = json.loads((run / "results.json").read_text())
     assert metrics["accuracy"] == results["test"]["accuracy"]
-    assert (run / "eval" / "test" / "confusion.png").stat().st_size > 1000
+    assert (run / "eval" / "test" / "confusion_eval.png").stat().st_size > 1000
     out_file = tmp_path / "pred.jsonl"
     assert main(["predict", str(run), "--input", toy_data["test"], "--output", str(out_file)]) == 0
     rows = read_jsonl(out_file)

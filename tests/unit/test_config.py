@@ -6,7 +6,7 @@ from tunelab.errors import ConfigError
 
 def test_defaults_train_the_embedded_default():
     c = resolve_config()
-    assert c.model.name == "minilm" and c.method.name == "full" and c.task == "classification"
+    assert c.model.name == "minilm" and c.method.name == "full" and c.task.name == "classification"
     assert c.data.train is None  # packaged demo
 
 
@@ -52,7 +52,7 @@ def test_unknown_method_setting_and_method():
     ("train.batch_size=0", "batch_size must be positive"),
     ("train.precision=fp16", "precision must be one of"),
     ("data.validation_ratio=1.5", "validation_ratio"),
-    ("task=summarize", "task must be one of"),
+    ("task=summarize", "unknown task .summarize.; valid tasks"),
     ("train.lr", "must look like key.sub=value"),
 ])
 def test_invalid_values(override, message):
@@ -91,3 +91,23 @@ def test_parse_override_values():
     assert parse_override("a.b=1") == (["a", "b"], 1)
     assert parse_override("a=null") == (["a"], None)
     assert parse_override("a=x=y") == (["a"], "x=y")
+
+
+def test_task_accepts_a_name_or_a_mapping_and_rejects_unknown_ones():
+    assert resolve_config(overrides=["task=classification"]).task.name == "classification"
+    assert resolve_config(tree={"task": {"name": "classification"}}).task.name == "classification"
+    with pytest.raises(ConfigError, match="unknown task 'regression'; valid tasks: .*classification"):
+        resolve_config(overrides=["task=regression"])
+    with pytest.raises(ConfigError, match="unknown key task.scheme"):
+        resolve_config(tree={"task": {"name": "classification", "scheme": "BIO"}})
+
+
+def test_metric_must_belong_to_the_task():
+    from tunelab.tasks import get_task
+    from tunelab.train.loop import check_metric
+
+    task = get_task(resolve_config(overrides=["train.metric=perplexity"]))
+    with pytest.raises(ConfigError, match="train.metric must be one of accuracy.* for task "
+                                          "classification"):
+        check_metric(task)
+    assert get_task(resolve_config()).metric == "accuracy"

@@ -9,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tunelab.config import RunConfig
 from tunelab.methods import registry
+from tunelab.tasks import get_task
 from tunelab.tasks.classification import Encoded
 from tunelab.train.loop import optimizer_step
 from tunelab.train.setup import Prepared
@@ -34,7 +35,7 @@ def one_step(model, data, groups, accum):
     config.train.grad_accum = accum
     config.train.max_grad_norm = None
     acc = Accelerator(cpu=True)
-    p = Prepared(config, acc, None, ["a", "b", "c"], model, None, {"train": data}, 0, False,
+    p = Prepared(config, get_task(config), acc, None, ["a", "b", "c"], model, None, {"train": data}, 0, False,
                  1.0, 1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

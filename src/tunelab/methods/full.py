@@ -5,7 +5,7 @@ Trains: everything. Saves: the whole model (a plain Transformers folder under mo
 """
 from dataclasses import dataclass
 
-from tunelab.methods.registry import MethodSettings, register_method
+from tunelab.methods.registry import ALL_TASKS, MethodSettings, register_method
 
 
 @dataclass
@@ -14,6 +14,7 @@ class FullSettings(MethodSettings):
 
 
 @register_method("full", settings=FullSettings, default_lr=5e-5, mergeable=True, saves="model",
+                 tasks=ALL_TASKS,
                  paper="Devlin et al. 2019, arXiv 1810.04805",
                  summary="every parameter trains")
 def apply(model, settings, ctx):

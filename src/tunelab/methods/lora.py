@@ -7,7 +7,8 @@ Trains: the A/B matrices and the task head. Saves: those parameters only. Mergea
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, peft_modules_to_save, register_method
+from tunelab.methods.registry import (ALL_TASKS, MethodSettings, peft_modules_to_save,
+                                      register_method)
 
 # Module names per family: all attention projections and the feed-forward layers. On a small
 # encoder, LoRA on query/value only barely moves the loss (PERF notes); all linear layers at
@@ -38,8 +39,10 @@ class LoraSettings(MethodSettings):
             raise ConfigError("method.dropout must be in [0, 1)")
 
 
-def peft_task_type(task: str) -> str:
-    return {"classification": "SEQ_CLS"}[task]
+def peft_task_type(task: str) -> str | None:
+    from tunelab.tasks import task_class
+
+    return task_class(task).peft_task_type
 
 
 def merge(model):
@@ -47,6 +50,7 @@ def merge(model):
 
 
 @register_method("lora", settings=LoraSettings, default_lr=5e-4, mergeable=True, saves="adapter",
+                 tasks=ALL_TASKS,
                  paper="Hu et al. 2021, arXiv 2106.09685", merge=merge,
                  summary="low-rank updates on attention and feed-forward weights (PEFT)")
 def apply(model, settings, ctx):

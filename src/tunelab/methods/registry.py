@@ -59,6 +59,9 @@ class MethodSpec:
     """Added to the training loss (AdaLoRA's orthogonal regulariser)."""
 
 
+ALL_TASKS = ("classification", "token_classification", "mlm", "causal_lm", "instruction")
+"""Every task name (tunelab.tasks registers the classes); methods list those they support."""
+
 _METHODS: dict[str, MethodSpec] = {}
 _LOADED = False
 
@@ -114,6 +117,11 @@ def check_supported(spec: MethodSpec, ctx: ApplyContext) -> None:
     if ctx.task not in spec.tasks:
         raise ConfigError(f"method {spec.name} does not support task {ctx.task}; it supports "
                           f"{', '.join(spec.tasks)} (see `tunelab methods`)")
+
+
+def context_for(config, built, total_steps: int | None) -> ApplyContext:
+    """The ApplyContext of a run's config and its built model (tasks.base.BuiltModel)."""
+    return ApplyContext(config.task.name, built.head_modules, built.family, total_steps)
 
 
 def apply_method(model: torch.nn.Module, name: str, settings, ctx: ApplyContext) -> torch.nn.Module:

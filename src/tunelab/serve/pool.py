@@ -31,7 +31,8 @@ from tunelab import models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.predict import Predictor
-from tunelab.tasks import classification as task
+from tunelab.tasks import get_task
+from tunelab.tasks.base import BuiltModel
 from tunelab.train.evaluate import resolve_precision
 
 
@@ -49,7 +50,7 @@ class SharedBase:
     family: str
 
     @classmethod
-    def capture(cls, path: str, built: task.BuiltModel) -> "SharedBase":
+    def capture(cls, path: str, built: BuiltModel) -> "SharedBase":
         """Keep the base's tensors before the method touches the model. The new head is left
         out: it is per run (its weights come from the run's adapter/)."""
         def in_head(name):
@@ -83,7 +84,7 @@ class Served:
 
     def describe(self) -> dict:
         p = self.predictor
-        return {"name": self.name, "run_dir": str(self.run_dir), "task": p.config.task,
+        return {"name": self.name, "run_dir": str(self.run_dir), "task": p.config.task.name,
                 "base_model": self.base_model, "method": self.method, "labels": p.labels,
                 "trainable_params": self.trainable_params, "shares_base": self.shared_base,
                 "private_mb": round(self.private_bytes / 2**20, 3),
@@ -141,13 +142,12 @@ class ModelPool:
         path = models.resolve_model(config.model.name)
         base = self.bases.get(path)
         if base is None:  # the first run on this base reads its weights, once
-            built = task.build_model(config.model.name, labels, config.train.seed)
+            built = get_task(config).build_model(labels)
             base = self.bases[path] = SharedBase.capture(path, built)
             model, tokenizer = built.model, built.tokenizer
         else:
             model, tokenizer = skeleton(base, labels), None
-        ctx = registry.ApplyContext(config.task, base.head_modules, base.family,
-                                    env.get("total_steps"))
+        ctx = registry.context_for(config, base, env.get("total_steps"))
         model = registry.apply_method(model, config.method.name, config.method.settings, ctx)
         load_adapter(model, run_dir / "adapter", base)
         return model.eval(), self._tokenizer(run_dir, path, tokenizer), base

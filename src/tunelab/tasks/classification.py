@@ -7,11 +7,14 @@ streaming metrics. The training loop and the predictor are task-agnostic around 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.eval.metrics import ConfusionMatrix
+from tunelab.eval.metrics import METRICS, ConfusionMatrix, format_report, plot_confusion
+from tunelab.tasks import register_task
+from tunelab.tasks.base import BuiltModel, Task, TaskSettings, load_with_head
 
 
 @dataclass
@@ -67,63 +70,96 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
     return batch
 
 
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
+class ClassificationMetrics:
+    """Accuracy, macro/weighted F1 and loss from a streaming confusion matrix."""
 
+    def __init__(self, labels: list[str]):
+        self.labels = list(labels)
+        self.matrix = ConfusionMatrix(len(labels))
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed (not averaged) cross-entropy and the item count, so that gradient accumulation
-    and multi-process training can divide by the true number of items in the optimizer step."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.matrix.counts
 
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        self.matrix.update(logits.argmax(-1), labels, loss)
 
-def new_metrics(num_labels: int) -> ConfusionMatrix:
-    return ConfusionMatrix(num_labels)
+    def compute(self) -> dict[str, float]:
+        return self.matrix.compute()
 
+    def state(self) -> torch.Tensor:
+        return torch.cat([self.matrix.counts.flatten().double(),
+                          torch.tensor([self.matrix.loss_sum], dtype=torch.double)])
 
-def update_metrics(metrics: ConfusionMatrix, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
-    metrics.update(logits.argmax(-1), labels, loss)
+    def load_state(self, state: torch.Tensor) -> None:
+        c = len(self.labels)
+        self.matrix.counts = state[:c * c].round().long().view(c, c)
+        self.matrix.loss_sum = float(state[-1])
 
+    def report(self) -> str:
+        return format_report(self.counts.numpy(), self.labels, self.compute())
 
-# --------------------------------------------------------------------------------------------
-# the model
+    def save_artifacts(self, folder: Path, name: str, title: str) -> dict:
+        """confusion_<name>.png; returns what goes beside the metrics in JSON."""
+        plot_confusion(self.counts.numpy(), self.labels, Path(folder) / f"confusion_{name}.png",
+                       title)
+        return {"confusion": self.counts.tolist(), "labels": self.labels}
 
 
 @dataclass
-class BuiltModel:
-    model: torch.nn.Module
-    tokenizer: object
-    head_modules: list[str]
-    family: str
-    source: str
+class ClassificationSettings(TaskSettings):
+    """Classification needs no settings of its own: columns and labels live under `data:`."""
 
 
-def build_model(name: str, labels: list[str], seed: int) -> BuiltModel:
-    """Pretrained backbone + a freshly initialised classification head for `labels`."""
-    from transformers import AutoModelForSequenceClassification
+@register_task
+class ClassificationTask(Task):
+    name = "classification"
+    summary = "one label per text or text pair (sentiment, topic, intent, NLI)"
+    settings_class = ClassificationSettings
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    metrics = METRICS
 
-    from tunelab import models
+    def load_data(self):
+        from tunelab.data.classification import load_classification_data
 
-    path = models.resolve_model(name)
-    tokenizer = models.load_tokenizer(path)
-    config = models.load_config(path, num_labels=len(labels),
-                                id2label=dict(enumerate(labels)),
-                                label2id={x: i for i, x in enumerate(labels)})
-    if tokenizer.pad_token_id is None:  # decoders such as Llama ship without a pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(seed)  # the head's initial weights depend on it
-    model, info = models.load_pretrained(AutoModelForSequenceClassification, path, config=config,
-                                         output_loading_info=True, ignore_mismatched_sizes=True)
-    new_keys = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k
-                                                     for k in info.get("mismatched_keys", [])]
-    return BuiltModel(model, tokenizer, head_modules_from_keys(new_keys),
-                      models.model_family(config), path)
+        return load_classification_data(self.config.data)
 
+    def format_preflight(self, data) -> str:
+        from tunelab.data.classification import format_preflight
 
-def head_modules_from_keys(keys) -> list[str]:
-    """Module names owning newly initialised parameters ('classifier.weight' -> 'classifier')."""
-    mods = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
-    # keep the outermost: 'classifier' covers 'classifier.dense'
-    return [m for m in mods if not any(m.startswith(o + ".") for o in mods if o != m)]
+        return format_preflight(data)
+
+    def build_model(self, labels: list[str]) -> BuiltModel:
+        """Pretrained backbone + a freshly initialised classification head for `labels`."""
+        from transformers import AutoModelForSequenceClassification
+
+        return load_with_head(AutoModelForSequenceClassification, self.config.model.name,
+                              self.config.train.seed, num_labels=len(labels),
+                              id2label=dict(enumerate(labels)),
+                              label2id={x: i for i, x in enumerate(labels)})
+
+    def encode(self, tokenizer, examples) -> Encoded:
+        return encode_examples(tokenizer, examples, self.config.model.max_length)
+
+    def collate(self, data: Encoded, indices: list[int], pad_id: int) -> dict:
+        return collate(data, indices, pad_id)
+
+    def loss_sum(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
+        """Summed (not averaged) cross-entropy and the item count."""
+        labels = batch["labels"]
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+
+    def new_metrics(self, labels: list[str]) -> ClassificationMetrics:
+        return ClassificationMetrics(labels)
+
+    def load_predictor(self, run_dir, **kwargs):
+        from tunelab.predict import Predictor
+
+        return Predictor.from_run(run_dir, **kwargs)
+
+    def show_example(self, tokenizer, data: Encoded, index: int) -> str:
+        tokens = tokenizer.convert_ids_to_tokens(data.input_ids[index])
+        return f"{len(tokens)} tokens, all read by the head:\n  " + " ".join(tokens)

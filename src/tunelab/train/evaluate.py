@@ -7,7 +7,6 @@ import functools
 
 import torch
 
-from tunelab.tasks import classification as task
 from tunelab.train.batching import eval_batches
 
 
@@ -36,9 +35,10 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
-def iter_logits(model, data: task.Encoded, batch_size: int, pad_id: int, device, bf16: bool,
+def iter_logits(task, model, data, batch_size: int, pad_id: int, device, bf16: bool,
                 rank: int = 0, world: int = 1):
-    """Yield (indices, logits) batch by batch, longest inputs first; logits in fp32."""
+    """Yield (indices, logits, batch) batch by batch, longest inputs first; logits in fp32 on
+    the CPU, batch as collated (CPU tensors, labels included)."""
     batches = eval_batches(data.lengths, batch_size)[rank::world]  # uneven shares are fine
     was_training = model.training
     model.eval()
@@ -47,29 +47,25 @@ def iter_logits(model, data: task.Encoded, batch_size: int, pad_id: int, device,
             for idx in batches:
                 batch = task.collate(data, idx, pad_id)
                 inputs = {k: v.to(device) for k, v in task.model_inputs(batch).items()}
-                yield idx, model(**inputs).logits.float().cpu()  # (B, C)
+                yield idx, model(**inputs).logits.float().cpu(), batch
     finally:
         model.train(was_training)
 
 
-def evaluate(model, data: task.Encoded, num_labels: int, batch_size: int, pad_id: int, device,
-             bf16: bool, accelerator=None) -> tuple[dict, "torch.Tensor"]:
-    """Streaming metrics over a split; with several processes each takes a shard of the
-    batches and the confusion matrices are summed."""
+def evaluate(task, model, data, labels: list[str], batch_size: int, pad_id: int, device,
+             bf16: bool, accelerator=None):
+    """Streaming metrics over a split -> (metrics dict, the task's Metrics object). With several
+    processes each takes a shard of the batches and the metric states are summed."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if accelerator is not None:
         # the bare module: DDP's forward syncs buffers, a collective that would hang when the
         # processes run different numbers of evaluation batches
         model = accelerator.unwrap_model(model)
-    metrics = task.new_metrics(num_labels)
-    for idx, logits in iter_logits(model, data, batch_size, pad_id, device, bf16, rank, world):
-        labels = torch.tensor([data.labels[i] for i in idx])
-        task.update_metrics(metrics, logits, labels)
+    metrics = task.new_metrics(labels)
+    for _, logits, batch in iter_logits(task, model, data, batch_size, pad_id, device, bf16,
+                                        rank, world):
+        metrics.update(logits, batch)
     if world > 1:
-        packed = torch.cat([metrics.counts.flatten().double(),
-                            torch.tensor([metrics.loss_sum], dtype=torch.double)])
-        packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu()
-        c = num_labels
-        metrics.counts = packed[:c * c].round().long().view(c, c)
-        metrics.loss_sum = float(packed[-1])
-    return metrics.compute(), metrics.counts
+        state = accelerator.reduce(metrics.state().to(accelerator.device), reduction="sum")
+        metrics.load_state(state.cpu())
+    return metrics.compute(), metrics

@@ -22,13 +22,10 @@ import torch
 from tunelab import runs
 from tunelab.errors import ConfigError
 from tunelab.methods import registry
-from tunelab.tasks import classification as task
 from tunelab.train.batching import shard, train_batches
 from tunelab.train.evaluate import autocast, evaluate
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.setup import Prepared, prepare
-
-LOWER_IS_BETTER = {"loss"}
 
 
 @dataclass
@@ -105,8 +102,9 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
     the step (all micro-batches, all processes) divided by their total count, so it equals the
     full-batch loss whatever the accumulation or world size."""
     acc = p.accelerator
+    task = p.task
     batches = [task.collate(p.train, idx, p.pad_id) for idx in group]
-    local_items = sum(len(b["labels"]) for b in batches)
+    local_items = sum(task.count_items(b) for b in batches)
     total = local_items
     if acc.num_processes > 1:
         total = int(acc.reduce(torch.tensor(local_items, device=acc.device), "sum").item())
@@ -117,13 +115,13 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
         with contextlib.nullcontext() if sync else acc.no_sync(model):
             with autocast(acc.device.type, p.bf16):
                 logits = model(**task.model_inputs(batch)).logits
-            s, _ = task.loss_sum(logits, batch["labels"])
+            s, _ = task.loss_sum(logits, batch)
             loss = s * acc.num_processes / total
             if spec.extra_loss is not None:
                 loss = loss + spec.extra_loss(acc.unwrap_model(model)) / len(batches)
             acc.backward(loss)
         loss_sum += s.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += task.count_tokens(batch)
     if p.config.train.max_grad_norm:
         acc.clip_grad_norm_(model.parameters(), p.config.train.max_grad_norm)
     optimizer.step()
@@ -156,11 +154,14 @@ def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState)
         (state.step % p.steps_per_epoch == 0)
     eval_due = (eval_due or last) and "validation" in p.encoded
     if eval_due:
-        metrics, _ = evaluate(model, p.encoded["validation"], len(p.labels), cfg.eval_batch_size,
-                              p.pad_id, p.accelerator.device, p.bf16, p.accelerator)
-        value = metrics[cfg.metric]
+        metric = p.task.metric
+        metrics, _ = evaluate(p.task, model, p.encoded["validation"], p.labels,
+                              cfg.eval_batch_size, p.pad_id, p.accelerator.device, p.bf16,
+                              p.accelerator)
+        value = metrics[metric]
+        lower = metric in p.task.lower_is_better
         better = state.best_metric is None or (
-            value < state.best_metric if cfg.metric in LOWER_IS_BETTER else value > state.best_metric)
+            value < state.best_metric if lower else value > state.best_metric)
         if better:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
             if p.accelerator.is_main_process:
@@ -170,11 +171,11 @@ def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState)
         else:
             state.bad_evals += 1
         p.log({"step": state.step, "split": "validation", **metrics, "best": better})
-        p.say(f"step {state.step}: validation {cfg.metric} {value:.4f}"
+        p.say(f"step {state.step}: validation {metric} {value:.4f}"
               f"{' (best)' if better else ''}")
         if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
             state.stopped_early = True
-            p.say(f"early stop: {cfg.metric} did not improve for {state.bad_evals} evaluations")
+            p.say(f"early stop: {metric} did not improve for {state.bad_evals} evaluations")
     save_due = (state.step % cfg.save_every == 0) if cfg.save_every else eval_due
     if (save_due or last or state.stopped_early):
         checkpoint(p, spec, model, optimizer, scheduler, state)
@@ -199,16 +200,13 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
     results = {}
     for split in ("validation", "test"):
         if split in p.encoded:
-            metrics, counts = evaluate(model, p.encoded[split], len(p.labels),
-                                       p.config.train.eval_batch_size, p.pad_id, acc.device,
-                                       p.bf16, acc)
+            metrics, tracker = evaluate(p.task, model, p.encoded[split], p.labels,
+                                        p.config.train.eval_batch_size, p.pad_id, acc.device,
+                                        p.bf16, acc)
             results[split] = metrics
             if acc.is_main_process:
-                from tunelab.eval.metrics import format_report, plot_confusion
-
-                p.say(f"\n{split}:\n" + format_report(counts.numpy(), p.labels, metrics))
-                plot_confusion(counts.numpy(), p.labels, p.run_dir / f"confusion_{split}.png",
-                               f"{split} ({p.config.method.name})")
+                p.say(f"\n{split}:\n" + tracker.report())
+                tracker.save_artifacts(p.run_dir, split, f"{split} ({p.config.method.name})")
     trainable, total = registry.count_parameters(unwrapped)
     seconds = max(state.train_seconds, 1e-9)
     results["train"] = {
@@ -242,12 +240,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_metric(cfg) -> None:
-    from tunelab.eval.metrics import METRICS
-
-    if cfg.train.metric not in METRICS:
-        raise ConfigError(f"train.metric must be one of {', '.join(METRICS)}; "
-                          f"got {cfg.train.metric!r}")
+def check_metric(task) -> None:
+    if task.metric not in task.metrics:
+        raise ConfigError(f"train.metric must be one of {', '.join(task.metrics)} for task "
+                          f"{task.name}; got {task.metric!r}")
 
 
 def default_threads() -> int:

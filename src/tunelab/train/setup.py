@@ -14,18 +14,20 @@ from tunelab.config import RunConfig, resolve_config, save_config
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_json
 from tunelab.methods import registry
-from tunelab.tasks import classification as task
+from tunelab.tasks import get_task
+from tunelab.tasks.base import Task
 
 
 @dataclass
 class Prepared:
     config: RunConfig
+    task: Task
     accelerator: object
     run_dir: Path
     labels: list[str]
     model: torch.nn.Module
     tokenizer: object
-    encoded: dict  # split -> task.Encoded
+    encoded: dict  # split -> the task's Encoded
     pad_id: int
     bf16: bool
     lr: float
@@ -34,7 +36,7 @@ class Prepared:
     quiet: bool = False
 
     @property
-    def train(self) -> task.Encoded:
+    def train(self):
         return self.encoded["train"]
 
     def say(self, text: str) -> None:
@@ -63,31 +65,31 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
 
     if resume:
         config = resumed_config(Path(resume), config)
-    check_metric(config)
+    task = get_task(config)
+    check_metric(task)
     accelerator = make_accelerator(config)
     threads = config.train.threads or max(1, default_threads() // accelerator.num_processes)
     torch.set_num_threads(threads)
     run_dir = shared_run_dir(accelerator, Path(resume) if resume else runs.new_run_dir(config))
     precision = resolve_precision(config.train.precision, accelerator.device.type)
-    data = load_data(config, run_dir, accelerator, quiet)
-    built = task.build_model(config.model.name, data.labels, config.train.seed)
-    encoded = {split: task.encode_examples(built.tokenizer, rows, config.model.max_length)
-               for split, rows in data.splits.items()}
+    data = load_data(task, accelerator, quiet)
+    built = task.build_model(data.labels)
+    encoded = {split: task.encode(built.tokenizer, rows) for split, rows in data.splits.items()}
     spec = registry.get_method(config.method.name)
     per_epoch, total = plan_steps(batches_per_process(len(encoded["train"]), config.train.batch_size,
                                                       accelerator.num_processes), config.train)
-    ctx = registry.ApplyContext(config.task, built.head_modules, built.family, total)
+    ctx = registry.context_for(config, built, total)
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
-    p = Prepared(config, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
+    p = Prepared(config, task, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
     if accelerator.is_main_process:
         write_run_files(p, data, threads, precision, resume is not None)
     start_tracker(p)
     trainable, all_params = registry.count_parameters(model)
-    p.say(f"model {config.model.name} ({built.family}), method {config.method.name}: "
+    p.say(f"task {task.name}, model {config.model.name} ({built.family}), method {config.method.name}: "
           f"{trainable:,} of {all_params:,} parameters train ({100 * trainable / all_params:.2f}%)"
           f"; lr {lr:g}, {total} steps, precision {precision}, {threads} threads"
           f", {accelerator.num_processes} process(es)")
@@ -133,14 +135,12 @@ def shared_run_dir(accelerator, run_dir: Path) -> Path:
     return run_dir
 
 
-def load_data(config: RunConfig, run_dir: Path, accelerator, quiet: bool):
-    from tunelab.data.classification import format_preflight, load_classification_data
-
-    data = load_classification_data(config.data)
+def load_data(task: Task, accelerator, quiet: bool):
+    data = task.load_data()
     if "train" not in data.splits:
         raise TunelabError("no training data: set data.train")
     if accelerator.is_main_process and not quiet:
-        print(format_preflight(data), file=sys.stderr, flush=True)
+        print(task.format_preflight(data), file=sys.stderr, flush=True)
     return data
 
 
