@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method
+from tunelab.methods.registry import ALL_TASKS, MethodSettings, register_method
 
 
 @dataclass
@@ -102,6 +102,7 @@ def merge(model):
 
 
 @register_method("adalora", settings=AdaLoraSettings, default_lr=5e-3, mergeable=True,
+                 tasks=ALL_TASKS,
                  saves="adapter", paper="Zhang et al. 2023, arXiv 2303.10512", merge=merge,
                  on_step=on_step, extra_loss=extra_loss,
                  summary="LoRA whose rank budget moves to the layers that need it (PEFT)")

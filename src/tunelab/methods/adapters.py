@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method, set_head_trainable
+from tunelab.methods.registry import (ALL_TASKS, MethodSettings, register_method,
+                                      set_head_trainable)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "tanh": nn.Tanh}
 
@@ -137,6 +138,7 @@ def apply_adapters(model, settings, ctx, patterns: list[str]):
 
 
 @register_method("adapter_houlsby", settings=HoulsbySettings, default_lr=1e-3, mergeable=False,
+                 tasks=ALL_TASKS,
                  saves="adapter", paper="Houlsby et al. 2019, arXiv 1902.00751",
                  summary="bottleneck adapters after attention and feed-forward, + LayerNorms")
 def apply_houlsby(model, settings, ctx):
@@ -145,6 +147,7 @@ def apply_houlsby(model, settings, ctx):
 
 
 @register_method("adapter_pfeiffer", settings=PfeifferSettings, default_lr=1e-3,
+                 tasks=ALL_TASKS,
                  mergeable=False, saves="adapter", paper="Pfeiffer et al. 2020, arXiv 2005.00247",
                  summary="one bottleneck adapter per layer after the feed-forward")
 def apply_pfeiffer(model, settings, ctx):

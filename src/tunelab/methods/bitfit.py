@@ -12,7 +12,8 @@ method supports encoder families only (BitFit there would be a linear probe in d
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method, set_head_trainable
+from tunelab.methods.registry import (MethodSettings, register_method,
+                                      set_head_trainable)
 
 
 @dataclass
@@ -25,6 +26,7 @@ def merge(model):
 
 
 @register_method("bitfit", settings=BitFitSettings, default_lr=1e-3, mergeable=True,
+                 tasks=("classification", "token_classification", "mlm"),
                  saves="adapter", merge=merge, families=("encoder", "mpnet"),
                  paper="Ben Zaken et al. 2021, arXiv 2106.10199",
                  summary="bias terms only (+ head)")

@@ -32,6 +32,7 @@ def layer_index(param_name: str) -> int | None:
 
 
 @register_method("freeze", settings=FreezeSettings, default_lr=1e-3, mergeable=True,
+                 tasks=("classification", "token_classification", "mlm"),
                  saves="adapter", paper="Peters et al. 2019, arXiv 1903.05987",
                  summary="head only (linear probe), or head + last N layers")
 def apply(model, settings, ctx):

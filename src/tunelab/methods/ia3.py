@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import peft_modules_to_save, MethodSettings, register_method
+from tunelab.methods.registry import (ALL_TASKS, MethodSettings, peft_modules_to_save,
+                                      register_method)
 
 # The paper's placement: keys, values and the feed-forward down projection (its input is
 # rescaled). Regexes (PEFT full-matches them against module names) so that BERT's attention
@@ -63,6 +64,7 @@ def merge(model):
 
 
 @register_method("ia3", settings=IA3Settings, default_lr=1e-2, mergeable=True, saves="adapter",
+                 tasks=ALL_TASKS,
                  paper="Liu et al. 2022, arXiv 2205.05638", merge=merge,
                  summary="learned rescaling of keys, values and feed-forward activations (PEFT)")
 def apply(model, settings, ctx):

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.methods.registry import MethodSettings, register_method, set_head_trainable
+from tunelab.methods.registry import (ALL_TASKS, MethodSettings, register_method,
+                                      set_head_trainable)
 
 ATTN_IMPL = "tunelab_prefix"
 # Children that identify a self-attention module, per family.
@@ -155,6 +156,7 @@ def attention_modules(model, family: str) -> list[nn.Module]:
 
 
 @register_method("prefix", settings=PrefixSettings, default_lr=1.5e-3, mergeable=False,
+                 tasks=ALL_TASKS,
                  saves="adapter", paper="Li & Liang 2021, arXiv 2101.00190",
                  summary="learned key/value prefix in every attention layer")
 def apply(model, settings, ctx):

@@ -67,6 +67,7 @@ def wrap(model, config, ctx, what: str):
 
 
 @register_method("prompt", settings=PromptSettings, default_lr=1e-2, mergeable=False,
+                 tasks=("classification", "token_classification", "causal_lm", "instruction"),
                  saves="adapter", paper="Lester et al. 2021, arXiv 2104.08691",
                  summary="learned soft-prompt embeddings before the input (PEFT)")
 def apply(model, settings, ctx):

@@ -39,6 +39,7 @@ class PTuningSettings(MethodSettings):
 
 
 @register_method("ptuning", settings=PTuningSettings, default_lr=3e-3, mergeable=False,
+                 tasks=("classification", "token_classification", "causal_lm", "instruction"),
                  saves="adapter", paper="Liu et al. 2021, arXiv 2103.10385",
                  summary="soft prompt from a small prompt encoder (PEFT)")
 def apply(model, settings, ctx):

@@ -12,6 +12,8 @@ import warnings
 from tunelab.methods import registry
 
 FAMILIES = ("encoder", "mpnet", "decoder")
+TASK_COLUMNS = {"classification": "seq-cls", "token_classification": "tok-cls", "mlm": "mlm",
+                "causal_lm": "clm", "instruction": "instruct"}
 
 # Methods whose trained weights are separate modules on an unchanged, shared base model, so a
 # server can keep one base and switch (or route between) many of them. BitFit changes the base
@@ -91,9 +93,10 @@ def _pct(value: float | None) -> str:
 def format_methods_table(rows: list[dict] | None = None) -> str:
     """Plain-text table for the CLI."""
     rows = support_rows() if rows is None else rows
-    header = ["method", *FAMILIES, "merge", "saves", "hot-swap", "lr", "% MiniLM",
-              "% tiny", "what trains"]
-    body = [[r["name"], *(_mark(f in r["families"]) for f in FAMILIES), _mark(r["mergeable"]),
+    header = ["method", *FAMILIES, *TASK_COLUMNS.values(), "merge", "saves", "hot-swap", "lr",
+              "% MiniLM", "% tiny", "what trains"]
+    body = [[r["name"], *(_mark(f in r["families"]) for f in FAMILIES),
+             *(_mark(t in r["tasks"]) for t in TASK_COLUMNS), _mark(r["mergeable"]),
              r["saves"], _mark(r["hot_swap"]), format_lr(r["default_lr"]),
              _pct(r["trainable_pct_minilm"]), _pct(r["trainable_pct_tiny_bert"]), r["summary"]]
             for r in rows]
@@ -101,7 +104,10 @@ def format_methods_table(rows: list[dict] | None = None) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = ("encoder = BERT-like, mpnet = MPNet, decoder = Llama-like. hot-swap: the trained "
+    notes = ("encoder = BERT-like, mpnet = MPNet, decoder = Llama-like. seq-cls = sequence "
+             "classification, tok-cls = token classification (NER), mlm = masked LM, clm = "
+             "causal LM, instruct = instruction tuning; a task needs a model family that has it "
+             "(mlm: encoder/mpnet; clm, instruct: decoder). hot-swap: the trained "
              "weights are separate modules on a shared base model. % = trainable parameters / "
              "base model parameters (MiniLM: 2 labels, default settings).")
     return "\n".join(lines) + "\n\n" + notes

@@ -169,5 +169,34 @@ def load_with_head(auto_class, name: str, seed: int, **config_kwargs) -> BuiltMo
                                          output_loading_info=True, ignore_mismatched_sizes=True)
     new_keys = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k
                                                      for k in info.get("mismatched_keys", [])]
-    return BuiltModel(model, tokenizer, head_modules_from_keys(new_keys),
-                      models.model_family(config), path)
+    heads = untied_head_modules(model, head_modules_from_keys(new_keys))
+    return BuiltModel(model, tokenizer, heads, models.model_family(config), path)
+
+
+def untied_head_modules(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """Split head modules around weights tied to the backbone. A new masked-LM head (MiniLM
+    ships without one) ties its output projection to the input embeddings: training that
+    "head" would train the whole vocabulary matrix, so PEFT methods keep only its untied parts
+    (cls.predictions.transform) as the head; `full` still trains everything."""
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), set()).add(name)
+    modules = dict(model.named_modules())
+
+    def tied(name: str) -> bool:
+        for _, p in modules[name].named_parameters(prefix=name):
+            if any(not (other == name or other.startswith(name + "."))
+                   for other in shared[id(p)]):
+                return True
+        return False
+
+    out = []
+    for head in heads:
+        pending = [head]
+        while pending:
+            name = pending.pop(0)
+            if not tied(name):
+                out.append(name)
+            else:
+                pending += [f"{name}.{child}" for child, _ in modules[name].named_children()]
+    return out
