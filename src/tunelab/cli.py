@@ -1,13 +1,20 @@
 """The `tunelab` command: a table of verbs.
 
     tunelab train [RECIPE.yaml] [key.sub=value ...] [--resume RUN_DIR]
+    tunelab pretrain [RECIPE.yaml] [key.sub=value ...] [--resume RUN_DIR]   masked/causal LM
     tunelab check [RECIPE.yaml] [key.sub=value ...]     preflight only: data counts, problems
     tunelab eval RUN_DIR --data FILE
     tunelab predict RUN_DIR --input FILE --output FILE
+    tunelab generate RUN_DIR|MODEL --prompt TEXT [--prompt ...] [--system TEXT]
+    tunelab chat RUN_DIR|MODEL                            a conversation on the terminal
     tunelab compare [RECIPE.yaml] [key=value ...] --methods full,lora,...
+    tunelab search RECIPE.yaml [key=value ...] --space SPACE.yaml --trials N   (Optuna)
+    tunelab runs list [DIR] | show RUN | diff RUN_A RUN_B | compare RUN ... --out PNG
     tunelab export RUN_DIR --to merged|adapter|onnx|int8
     tunelab verify RUN_DIR EXPORT_DIR [EXPORT_DIR ...]
     tunelab serve RUN_DIR|NAME=RUN_DIR ... [--port 8000] [--api-key KEY]   HTTP API
+    tunelab monitor --run RUN --input FILE|- [--topic-column C] [--window 1h] [--follow]
+    tunelab explain RUN_DIR --text TEXT [--text ...] [--method ig|gxi]   token attributions
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -34,6 +41,21 @@ def cmd_train(args) -> None:
     else:
         config = resolve_config(recipe, overrides)
     train(config, resume=args.resume)
+
+
+
+def cmd_pretrain(args) -> None:
+    from tunelab.pretrain import pretrain_config
+    from tunelab.train.loop import train
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    if args.resume:
+        if recipe or overrides:
+            raise TunelabError("--resume continues a run with its saved config.yaml; "
+                               "give no recipe or overrides with it")
+        train(None, resume=args.resume)
+        return
+    train(pretrain_config(recipe, overrides))
 
 
 def cmd_check(args) -> None:
@@ -74,7 +96,8 @@ def cmd_eval(args) -> None:
     extra = tracker.save_artifacts(out, "eval", Path(args.data).name)
     atomic_write_json(out / "metrics.json", {**metrics, "skipped": len(problems), **extra,
                                              "data": args.data})
-    print(f"\nwritten: {out / 'metrics.json'}, {out / 'confusion.png'}")
+    written = [out / "metrics.json"] + sorted(out.glob("*.png"))
+    print("\nwritten: " + ", ".join(str(w) for w in written))
 
 
 def cmd_predict(args) -> None:
@@ -85,6 +108,29 @@ def cmd_predict(args) -> None:
     out_rows = predictor.predict_file(args.input, args.format)
     write_rows(args.output, out_rows, args.out_format or "auto")
     print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    from tunelab.generate import load_generator
+
+    generator = load_generator(args.model, precision=args.precision)
+    results = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                                 system=args.system, seed=args.seed)
+    for i, (prompt, result) in enumerate(zip(args.prompt, results), start=1):
+        if len(results) > 1:
+            print(f"--- {i}: {prompt if len(prompt) <= 60 else prompt[:57] + '...'}")
+        print(result.text)
+        end = ("stopped at eos" if result.finished
+               else f"hit --max-new-tokens {args.max_new_tokens} before eos")
+        print(f"[{result.new_tokens} new tokens, {end}]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from tunelab.generate import load_generator
+
+    generator = load_generator(args.model, precision=args.precision)
+    generator.chat(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, system=args.system, seed=args.seed)
 
 
 def cmd_compare(args) -> None:
@@ -99,6 +145,60 @@ def cmd_compare(args) -> None:
     failed = [r["method"] for r in rows if r["status"] != "ok"]
     print(f"written to {out}/comparison.{{md,csv,json,png}}"
           + (f"; failed: {', '.join(failed)} (logs beside them)" if failed else ""))
+
+
+def cmd_search(args) -> None:
+    import optuna
+
+    from tunelab.search import SearchSettings, search
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    settings = SearchSettings(space=args.space, trials=args.trials, storage=args.storage,
+                              study=args.study, pruner=args.pruner, out=args.out, seed=args.seed,
+                              startup_trials=args.startup_trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tunelab prints one line per trial
+    _, out = search(recipe, overrides, settings)
+    print((out / "trials.md").read_text())
+    if (out / "best.yaml").exists():
+        print(f"best recipe: {out / 'best.yaml'} (train it: tunelab train {out / 'best.yaml'})")
+    written = sorted(f.name for f in out.iterdir() if f.is_file() and f.name != "study.db")
+    print(f"written to {out}/: {', '.join(written)}, trials/")
+
+
+def cmd_runs_list(args) -> None:
+    from tunelab import experiments
+
+    root = Path(args.dir)
+    rows = [experiments.summarize(r) for r in experiments.find_runs(root)]
+    if not rows:
+        raise TunelabError(f"no runs under {root} (a run folder holds config.yaml and env.json)")
+    print(experiments.format_runs(rows, root), end="")
+
+
+def cmd_runs_show(args) -> None:
+    from tunelab import experiments
+
+    print(experiments.describe(experiments.check_run(args.run)), end="")
+
+
+def cmd_runs_diff(args) -> None:
+    from tunelab import experiments
+
+    a, b = experiments.check_run(args.run_a), experiments.check_run(args.run_b)
+    print(experiments.format_diff(a, b), end="")
+
+
+def cmd_runs_compare(args) -> None:
+    from tunelab import experiments
+
+    runs = [experiments.check_run(r) for r in args.runs]
+    metric, summary = experiments.plot_runs(runs, args.metric, Path(args.out))
+    for row in summary:
+        best = ("no validation" if row["best"] is None else
+                f"best validation {metric} {row['best']:.4f} at step {row['best_step']}")
+        loss = "" if row["final_loss"] is None else f", last training loss {row['final_loss']:.4f}"
+        print(f"{row['run']}: {best}{loss}")
+    print(f"written: {args.out}")
 
 
 def cmd_export(args) -> None:
@@ -139,6 +239,61 @@ def cmd_serve(args) -> None:
         max_chars=args.max_chars, precision=args.precision, threads=args.threads))
 
 
+def load_classifier(run_dir: str, what: str):
+    """The Predictor of a finished classification run; other tasks are a clear error."""
+    import tunelab
+    from tunelab import runs
+
+    config, _, _ = runs.read_run(Path(run_dir))
+    if config.task.name != "classification":
+        raise TunelabError(f"{what} {run_dir} is a {config.task.name} run; this command needs "
+                           "a classification run")
+    return tunelab.load(run_dir)
+
+
+def cmd_monitor(args) -> None:
+    from tunelab import monitor
+    from tunelab.data.readers import read_rows
+
+    watcher = monitor.Monitor(
+        load_classifier(args.run, "--run"),
+        topic_predictor=load_classifier(args.topic_run, "--topic-run") if args.topic_run
+        else None, window=args.window, time_column=args.time_column,
+        text_column=args.text_column, topic_column=args.topic_column,
+        negative_label=args.negative_label, threshold=args.threshold, change=args.change,
+        min_count=args.min_count, skip_bad=args.skip_bad)
+    if args.input == "-":
+        source, rows, name = "<stdin>", monitor.read_stream(sys.stdin), "stdin"
+    else:
+        source, rows, name = args.input, read_rows(args.input), Path(args.input).stem
+    out = Path(args.out) if args.out else Path(args.run) / "monitor" / name
+    monitor.run(watcher, rows, out, source=source, follow=args.follow,
+                emit=lambda message: print(message, flush=True))
+    if watcher.texts == 0:
+        raise TunelabError(f"{source}: no usable rows" + (
+            f"; first problem: {watcher.problems[0]}" if watcher.problems else ""))
+    print(monitor.format_report(watcher, source))
+    print(f"written to {out}/: report.md, series.csv, alerts.csv, alerts.jsonl, trend.png")
+
+
+def cmd_explain(args) -> None:
+    from tunelab.explain import explain, format_explanation, write_explanations
+
+    if args.pair and len(args.pair) != len(args.text):
+        raise TunelabError(f"{len(args.pair)} --pair for {len(args.text)} --text: give one "
+                           "--pair per --text, in the same order")
+    predictor = load_classifier(args.run_dir, "RUN_DIR")
+    explanations = explain(predictor, args.text, args.pair, label=args.label,
+                           method=args.method, steps=args.steps)
+    for i, e in enumerate(explanations, start=1):
+        print(f"[{i}] {format_explanation(e)}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "explain"
+    write_explanations(explanations, out, str(args.run_dir),
+                       args.steps if args.method == "ig" else None)
+    print(f"\nwritten to {out}/: explanations.html, explanations.json and a PNG heat-map "
+          f"per text (explanation_001.png ...)")
+
+
 def cmd_methods(args) -> None:
     from tunelab.methods.registry import all_methods
 
@@ -177,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
     p.set_defaults(fn=cmd_train)
 
+    p = verbs.add_parser("pretrain", help="masked or causal LM on unlabelled text, from scratch "
+                                          "(model.size) or continued from model.name")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (optional; task defaults to mlm)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.train=corpus.txt")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.set_defaults(fn=cmd_pretrain)
+
     p = verbs.add_parser("check", help="preflight a recipe's data and show a tokenised example")
     p.add_argument("recipe", nargs="?")
     p.add_argument("overrides", nargs="*")
@@ -186,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="labelled file (same columns as training)")
     p.add_argument("--format", default="auto")
-    p.add_argument("--out", help="folder for metrics.json and confusion.png")
+    p.add_argument("--out", help="folder for metrics.json (and plots such as confusion_eval.png)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.set_defaults(fn=cmd_eval)
 
@@ -200,12 +362,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.set_defaults(fn=cmd_predict)
 
+    for verb, help_text in (("generate", "generate replies to prompts (instruction run or model)"),
+                            ("chat", "chat on the terminal with an instruction run or a model")):
+        p = verbs.add_parser(verb, help=help_text)
+        p.add_argument("model", metavar="RUN_DIR|MODEL",
+                       help="an instruction run, or a causal LM (alias such as smollm2, folder)")
+        if verb == "generate":
+            p.add_argument("--prompt", action="append", required=True,
+                           help="a user message (repeat for several, generated as a batch)")
+        p.add_argument("--system", help="system message (default: the run's system prompt)")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share")
+        p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+        p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        p.set_defaults(fn=cmd_generate if verb == "generate" else cmd_chat)
+
     p = verbs.add_parser("compare", help="train a recipe with several methods and tabulate them")
     p.add_argument("recipe", nargs="?")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--methods", help="comma-separated (default: every method the model supports)")
     p.add_argument("--out", help="output folder (default: runs/compare-<date>-<time>)")
     p.set_defaults(fn=cmd_compare)
+
+    p = verbs.add_parser("search", help="hyper-parameter search over recipe keys (Optuna)")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--space", required=True, help="YAML: config key -> distribution "
+                   "(docs/experiments.md)")
+    p.add_argument("--trials", type=int, default=20, help="trials this process runs")
+    p.add_argument("--storage", help="Optuna storage shared by every process of the study: "
+                   "sqlite:///study.db or an RDB URL (default: sqlite:///OUT/study.db)")
+    p.add_argument("--study", help="study name; an existing one is continued "
+                   "(default: the recipe's file name)")
+    p.add_argument("--pruner", default="median", choices=["median", "asha", "none"])
+    p.add_argument("--startup-trials", type=int, default=5,
+                   help="trials sampled at random and never pruned before TPE and the median "
+                        "rule take over")
+    p.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    p.add_argument("--out", help="output folder (default: runs/search-<study>)")
+    p.set_defaults(fn=cmd_search)
+
+    p = verbs.add_parser("runs", help="list, show, diff and plot run directories")
+    runs_verbs = p.add_subparsers(dest="runs_verb", required=True, metavar="ACTION")
+    q = runs_verbs.add_parser("list", help="a table of the runs under a folder")
+    q.add_argument("dir", nargs="?", default="runs")
+    q.set_defaults(fn=cmd_runs_list)
+    q = runs_verbs.add_parser("show", help="one run: config, status, results, files")
+    q.add_argument("run")
+    q.set_defaults(fn=cmd_runs_show)
+    q = runs_verbs.add_parser("diff", help="config keys that differ between two runs")
+    q.add_argument("run_a")
+    q.add_argument("run_b")
+    q.set_defaults(fn=cmd_runs_diff)
+    q = runs_verbs.add_parser("compare", help="training loss and validation metric curves")
+    q.add_argument("runs", nargs="+")
+    q.add_argument("--metric", help="validation metric to plot (default: the task's metric)")
+    q.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    q.set_defaults(fn=cmd_runs_compare)
 
     p = verbs.add_parser("export", help="export a run: merged, adapter, onnx, int8")
     p.add_argument("run_dir")
@@ -238,6 +452,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for inference (default 0: every usable core)")
     p.set_defaults(fn=cmd_serve)
+
+    p = verbs.add_parser("monitor", help="classify timestamped texts, track the negative "
+                         "share per topic and window, alert on spikes")
+    p.add_argument("--run", required=True, help="classification run (sentiment, or any labels)")
+    p.add_argument("--topic-run", help="a second run whose label is each text's topic")
+    p.add_argument("--input", required=True,
+                   help="csv/tsv/json/jsonl/parquet file, or - for a stream of JSON lines or "
+                        "CSV (header first) on stdin")
+    p.add_argument("--time-column", default="time",
+                   help="ISO 8601 times (no zone = UTC) or epoch seconds")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--topic-column", help="column holding each text's topic")
+    p.add_argument("--window", default="1h", help="window length: 15min, 1h, 1d ... (UTC)")
+    p.add_argument("--negative-label", default="negative", help="the label whose share is watched")
+    p.add_argument("--threshold", type=float, default=0.4,
+                   help="alert when a window's share reaches this")
+    p.add_argument("--change", type=float, default=0.2,
+                   help="alert when the share moves this much from the previous window")
+    p.add_argument("--min-count", type=int, default=20,
+                   help="windows with fewer texts raise no alert")
+    p.add_argument("--out", help="report folder (default: RUN/monitor/<input name>)")
+    p.add_argument("--follow", action="store_true",
+                   help="print alerts as they are raised, keep the report current")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip rows with a bad time, text or topic (counted) instead of stopping")
+    p.set_defaults(fn=cmd_monitor)
+
+    p = verbs.add_parser("explain", help="which words drove a prediction (token attributions)")
+    p.add_argument("run_dir")
+    p.add_argument("--text", action="append", required=True, help="a text (repeatable)")
+    p.add_argument("--pair", action="append", help="its second text, for pair tasks (repeatable)")
+    p.add_argument("--label", help="explain this label (default: the predicted one)")
+    p.add_argument("--method", default="ig", choices=["ig", "gxi"],
+                   help="ig: integrated gradients (default); gxi: gradient x input (fast)")
+    p.add_argument("--steps", type=int, default=50, help="integration steps for ig")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/explain)")
+    p.set_defaults(fn=cmd_explain)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)

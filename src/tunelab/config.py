@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "labeltext", "conll", "text")
 SCHEDULES = ("linear", "cosine", "constant")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
+MODEL_SIZES = ("tiny", "mini", "small")
 
 
 @dataclass
@@ -31,10 +32,30 @@ class ModelConfig:
     """Pretrained model: a packaged alias (minilm, mpnet, smollm2, gemma3-270m), a local
     directory (a Transformers model folder or a tunelab run directory), or a hub id."""
     max_length: int = 128
-    """Longest input in tokens; longer inputs are truncated (the preflight counts them)."""
+    """Longest input in tokens; longer inputs are truncated (the preflight counts them).
+    Language modelling packs the corpus into blocks of exactly this many tokens."""
+    size: str | None = None
+    """Pretraining from scratch (tasks mlm, causal_lm): build a randomly initialised model of
+    this size instead of loading `name`: tiny (2 layers, hidden 128, 2 heads), mini (4, 256,
+    4) or small (4, 512, 8); BERT for mlm, Llama for causal_lm. docs/pretraining.md lists the
+    parameter counts."""
+    tokenizer: str | None = None
+    """With `size`: wordpiece, bpe or char trains a new tokenizer on the training corpus (char:
+    one token per character, for Chinese); a folder, alias or run directory reuses its
+    tokenizer. Unset: wordpiece for mlm, bpe for causal_lm."""
+    vocab_size: int = 8000
+    """Vocabulary size of a tokenizer trained from the corpus (`tokenizer` wordpiece, bpe or
+    char); a small corpus may yield fewer tokens."""
 
     def __post_init__(self):
         _check(self.max_length >= 8, "model.max_length must be at least 8")
+        _check(self.size is None or self.size in MODEL_SIZES,
+               f"model.size must be one of {', '.join(MODEL_SIZES)}; got {self.size!r}")
+        _check(self.tokenizer is None or self.size is not None,
+               "model.tokenizer applies only with model.size (a model built from scratch); "
+               "a pretrained model keeps its own tokenizer")
+        _check(self.vocab_size >= 300, "model.vocab_size must be at least 300 (byte-level BPE "
+               "alone needs 256 + special tokens)")
 
 
 @dataclass
@@ -124,7 +145,12 @@ class TrainConfig:
     threads: int | None = None
     """Intra-op CPU threads; unset = one per available core."""
     tracker: str = "tensorboard"
-    """Experiment tracker: tensorboard, mlflow, wandb or none."""
+    """Experiment tracker: tensorboard (RUN/tb), mlflow, wandb or none. W&B without an account:
+    set WANDB_MODE=offline (the run is written under RUN/wandb; `wandb sync` uploads it)."""
+    tracker_uri: str | None = None
+    """MLflow tracking URI: a local store (file:./mlruns, sqlite:///mlflow.db) or a tracking
+    server (http://host:5000). Unset: $MLFLOW_TRACKING_URI, else MLflow's default store in the
+    working folder. Only for tracker mlflow."""
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs must be positive")
@@ -137,6 +163,9 @@ class TrainConfig:
         _check(self.precision in PRECISIONS,
                f"train.precision must be one of {', '.join(PRECISIONS)}")
         _check(self.tracker in TRACKERS, f"train.tracker must be one of {', '.join(TRACKERS)}")
+        _check(self.tracker_uri is None or self.tracker == "mlflow",
+               f"train.tracker_uri is MLflow's tracking URI: set train.tracker=mlflow with it "
+               f"(train.tracker is {self.tracker})")
         _check(self.eval_every is None or self.eval_every > 0, "train.eval_every must be positive")
         _check(self.save_every is None or self.save_every > 0, "train.save_every must be positive")
         _check(self.log_every > 0, "train.log_every must be positive")
@@ -289,6 +318,8 @@ def merge_override(tree: dict, path: list[str], value) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if node is tree and part in ("task", "method") and isinstance(child, str):
+            child = node[part] = {"name": child}  # `task: mlm` then task.whole_word_mask=true
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
         node = child

@@ -111,3 +111,17 @@ def test_metric_must_belong_to_the_task():
                                           "classification"):
         check_metric(task)
     assert get_task(resolve_config()).metric == "accuracy"
+
+
+def test_task_shorthand_accepts_settings_after_it():
+    c = resolve_config(overrides=["task=mlm", "task.whole_word_mask=true"])
+    assert c.task.name == "mlm" and c.task.settings.whole_word_mask is True
+
+
+def test_model_size_is_refused_by_tasks_that_need_a_pretrained_model():
+    from tunelab.tasks import get_task
+
+    with pytest.raises(ConfigError, match="model.size builds an untrained model, which task "
+                                          "classification cannot start from"):
+        get_task(resolve_config(overrides=["model.size=mini"]))
+    assert get_task(resolve_config(overrides=["task=mlm", "model.size=mini"])).name == "mlm"

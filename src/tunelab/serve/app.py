@@ -1,6 +1,8 @@
 """The HTTP API: FastAPI over the model pool and the micro-batcher.
 
     POST /v1/classify   {"model"?, "texts": [...], "text_pairs"?: [...]} -> predictions
+    POST /v1/explain    {"model"?, "texts", "text_pairs"?, "label"?, "method"?: "ig"|"gxi",
+                         "steps"?} -> per text: label, words and their attribution scores
     GET  /v1/models     what is served: name, base, method, labels, trainable parameters
     POST /v1/models     {"name", "run_dir"}: serve one more run (shares its base if loaded)
     GET  /health        liveness: no key needed
@@ -19,6 +21,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +32,7 @@ from pydantic import BaseModel, Field
 
 import tunelab
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.explain import explain
 from tunelab.serve.batcher import Batcher, QueueFull
 from tunelab.serve.pool import ModelPool
 
@@ -94,6 +98,37 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
 
 
+MAX_EXPLAIN_STEPS = 200
+"""Integrated gradients costs `steps` forward and backward passes per text: capped."""
+
+
+class ExplainRequest(BaseModel):
+    model: str | None = Field(None, description="served model name; optional if only one")
+    texts: list[str] = Field(description="texts to explain (at least one)")
+    text_pairs: list[str] | None = Field(None, description="second texts for pair tasks")
+    label: str | None = Field(None, description="label to explain; default: the predicted one")
+    method: Literal["ig", "gxi"] = Field(
+        "ig", description="ig: integrated gradients; gxi: gradient x input (one pass, cheap)")
+    steps: int = Field(50, ge=1, le=MAX_EXPLAIN_STEPS, description="integration steps (ig)")
+
+
+class ExplainedText(BaseModel):
+    label: str = Field(description="the label explained")
+    score: float = Field(description="its probability")
+    predicted: str
+    words: list[str]
+    scores: list[float] = Field(description="one per word: > 0 pushes toward label")
+    pair_words: list[str] | None = None
+    pair_scores: list[float] | None = None
+    delta: float | None = Field(None, description="ig: completeness gap; near 0 = converged")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    explanations: list[ExplainedText]
+
+
 class AddModelRequest(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     run_dir: str
@@ -117,7 +152,7 @@ def classify_runner(served, texts: list[str], pairs: list[str] | None) -> list[d
 
 
 RUNNERS = {"classify": classify_runner}
-KNOWN_PATHS = {"/v1/classify", "/v1/models", "/health", "/metrics"}
+KNOWN_PATHS = {"/v1/classify", "/v1/explain", "/v1/models", "/health", "/metrics"}
 """Task -> function the batcher calls in its worker thread."""
 
 
@@ -194,6 +229,26 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
         except Exception as e:  # raised by the model in the worker thread
             raise ApiError(500, "inference", f"{type(e).__name__}: {e}") from None
         return {"model": served.name, "predictions": preds}
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS,
+              tags=["classification"])
+    async def explain_texts(body: ExplainRequest, request: Request):
+        served = resolve(body.model, request)
+        check_texts(body.texts, body.text_pairs, settings)
+        labels = served.predictor.labels
+        if body.label is not None and body.label not in labels:
+            raise ApiError(422, "invalid_request", f"label {body.label!r} is not a label of "
+                           f"{served.name}: " + ", ".join(labels))
+        try:  # many gradient passes: in a worker thread beside the batcher, not through it
+            found = await asyncio.to_thread(explain, served.predictor, body.texts,
+                                            body.text_pairs, label=body.label,
+                                            method=body.method, steps=body.steps)
+        except Exception as e:
+            raise ApiError(500, "inference", f"{type(e).__name__}: {e}") from None
+        return {"model": served.name, "method": body.method, "explanations": [
+            {"label": e.label, "score": e.score, "predicted": e.predicted, "words": e.words,
+             "scores": e.word_scores, "pair_words": e.pair_words,
+             "pair_scores": e.pair_scores, "delta": e.delta} for e in found]}
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():

