@@ -122,6 +122,10 @@ class TrainConfig:
     """Clip the gradient norm to this value; unset = no clipping."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware has fast bf16, else fp32), bf16 or fp32."""
+    attention: str = "auto"
+    """Attention kernel while training: auto (eager on CPU, where PyTorch's fused SDPA backward
+    is slower at these lengths: MiniLM trains 1.2-1.5x faster with eager; sdpa on GPUs), sdpa
+    or eager. Prediction and serving always use the model's default (SDPA)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     group_by_length: bool = True
@@ -163,6 +167,8 @@ class TrainConfig:
         _check(self.precision in PRECISIONS,
                f"train.precision must be one of {', '.join(PRECISIONS)}")
         _check(self.tracker in TRACKERS, f"train.tracker must be one of {', '.join(TRACKERS)}")
+        _check(self.attention in ("auto", "sdpa", "eager"),
+               f"train.attention must be auto, sdpa or eager; got {self.attention!r}")
         _check(self.tracker_uri is None or self.tracker == "mlflow",
                f"train.tracker_uri is MLflow's tracking URI: set train.tracker=mlflow with it "
                f"(train.tracker is {self.tracker})")

@@ -16,26 +16,6 @@ def autocast(device_type: str, bf16: bool):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
-def cast_frozen_linears(model: torch.nn.Module) -> int:
-    """Store the weights of frozen linear layers in bf16 for a bf16-autocast run; returns how
-    many were cast. Autocast casts a weight that needs no gradient afresh on every call (its
-    cast cache keeps only weights that require grad), so parameter-efficient runs paid that
-    copy for every frozen layer in every forward and backward. The matmul sees the same bf16
-    values either way, so results do not change; memory for those weights halves. Embeddings
-    and norms stay fp32 (autocast runs them in fp32)."""
-    cast = 0
-    # a weight tied to an embedding (an LM head's decoder) must stay fp32 for the lookup
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) and weight is not None
-                and id(weight) not in embeddings
-                and not weight.requires_grad and weight.dtype == torch.float32):
-            module.weight.data = weight.data.to(torch.bfloat16)
-            cast += 1
-    return cast
-
-
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
     """AMX-BF16 or AVX512-BF16: bf16 matmuls ~3x fp32 there; elsewhere bf16 is slower."""

@@ -60,7 +60,7 @@ class Prepared:
 
 
 def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
-    from tunelab.train.evaluate import cast_frozen_linears, resolve_precision
+    from tunelab.train.evaluate import resolve_precision
     from tunelab.train.loop import check_metric, default_threads, plan_steps
 
     if resume:
@@ -74,6 +74,11 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     precision = resolve_precision(config.train.precision, accelerator.device.type)
     data = load_data(task, accelerator, quiet)
     built = task.build_model(data.labels)
+    attention = config.train.attention
+    if attention == "auto":
+        attention = "eager" if accelerator.device.type == "cpu" else "sdpa"
+    if hasattr(built.model, "set_attn_implementation"):
+        built.model.set_attn_implementation(attention)
     encoded = {split: task.encode(built.tokenizer, rows) for split, rows in data.splits.items()}
     spec = registry.get_method(config.method.name)
     per_epoch, total = plan_steps(batches_per_process(len(encoded["train"]), config.train.batch_size,
@@ -82,8 +87,6 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if precision == "bf16":
-        cast_frozen_linears(model)
     lr = config.train.lr or spec.default_lr
     p = Prepared(config, task, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
