@@ -15,6 +15,8 @@
     tunelab serve RUN_DIR|NAME=RUN_DIR ... [--port 8000] [--api-key KEY]   HTTP API
     tunelab monitor --run RUN --input FILE|- [--topic-column C] [--window 1h] [--follow]
     tunelab explain RUN_DIR --text TEXT [--text ...] [--method ig|gxi]   token attributions
+    tunelab zeroshot --model MODEL|RUN_DIR --data FILE (--labels a,b | --label-file F)
+    tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,finetune,zeroshot --k 8,16
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -236,7 +238,8 @@ def cmd_serve(args) -> None:
     serve(args.runs, ServeSettings(
         host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, max_texts=args.max_texts,
-        max_chars=args.max_chars, precision=args.precision, threads=args.threads))
+        max_chars=args.max_chars, precision=args.precision, threads=args.threads,
+        max_new_tokens=args.max_new_tokens, generation_queue=args.generation_queue))
 
 
 def load_classifier(run_dir: str, what: str):
@@ -292,6 +295,68 @@ def cmd_explain(args) -> None:
                        args.steps if args.method == "ig" else None)
     print(f"\nwritten to {out}/: explanations.html, explanations.json and a PNG heat-map "
           f"per text (explanation_001.png ...)")
+
+
+def cmd_zeroshot(args) -> None:
+    import datetime as dt
+
+    from tunelab.config import DataConfig
+    from tunelab.data.classification import problem_lines
+    from tunelab.data.readers import write_rows
+    from tunelab.io import atomic_write_json
+    from tunelab.zeroshot import (ZeroShotClassifier, ZeroShotSettings, classify_file,
+                                  default_scorer, labels_from_names, load_label_file)
+
+    if bool(args.labels) == bool(args.label_file):
+        raise TunelabError("give the labels with --labels a,b or --label-file FILE (one of them)")
+    spec = load_label_file(args.label_file) if args.label_file else labels_from_names(args.labels)
+    given = {"templates": args.template, "aggregate": args.aggregate,
+             "temperature": args.temperature,
+             "prompt": args.prompt.replace("\\n", "\n") if args.prompt else None,
+             "verbalizer_prefix": args.verbalizer_prefix, "entailment_label": args.entailment_label,
+             "batch_size": args.batch_size, "max_length": args.max_length}
+    settings = ZeroShotSettings(scorer=args.scorer or default_scorer(args.model),
+                                length_norm=not args.no_length_norm,
+                                calibrate=not args.no_calibration,
+                                **{k: v for k, v in given.items() if v is not None})
+    classifier = ZeroShotClassifier.load(args.model, spec, settings)
+    data_cfg = DataConfig(text_column=args.text_column, label_column=args.label_column,
+                          format=args.format)
+    rows, metrics, tracker, problems = classify_file(classifier, args.data, data_cfg, args.format)
+    out = Path(args.out or f"runs/zeroshot-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    output = Path(args.output) if args.output else out / "predictions.csv"
+    write_rows(output, rows)
+    atomic_write_json(out / "zeroshot.json", {**classifier.describe(), "data": args.data,
+                                              "predictions": str(output)})
+    written = [output, out / "zeroshot.json"]
+    if metrics is not None:
+        if problems:
+            print("\n".join(problem_lines(problems, "rows (unknown or missing label)")),
+                  file=sys.stderr)
+        print(tracker.report())
+        extra = tracker.save_artifacts(out, "zeroshot", f"zero-shot {settings.scorer}")
+        atomic_write_json(out / "metrics.json", {**metrics, "skipped": len(problems), **extra,
+                                                 "data": args.data})
+        written += [out / "metrics.json", out / "confusion_zeroshot.png"]
+    print(f"{len(rows)} predictions ({settings.scorer} scorer); written: "
+          + ", ".join(str(w) for w in written))
+
+
+def cmd_fewshot_eval(args) -> None:
+    import datetime as dt
+
+    from tunelab import fewshot_eval as fe
+    from tunelab.zeroshot import load_label_file
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    plan = fe.make_plan(recipe, overrides, fe.parse_methods(args.methods),
+                        fe.parse_ints(args.k, "--k"), fe.parse_ints(args.seeds, "--seeds"),
+                        load_label_file(args.label_file) if args.label_file else None)
+    out = Path(args.out or f"runs/fewshot-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    fe.fewshot_eval(plan, out)
+    print((out / "results.md").read_text())
+    print(f"written to {out}/: results.json, results.md, results.png"
+          + (", runs/ (the fine-tuning runs)" if "finetune" in plan.methods else ""))
 
 
 def cmd_methods(args) -> None:
@@ -434,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=256, help="number of probe inputs")
     p.set_defaults(fn=cmd_verify)
 
-    p = verbs.add_parser("serve", help="serve runs over HTTP (many adapters share one base)")
+    p = verbs.add_parser("serve", help="serve runs over HTTP: classify, tag, generate, "
+                         "OpenAI-style chat (adapters on one base share it)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder, or NAME=RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
@@ -451,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for inference (default 0: every usable core)")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="most new tokens one generation may ask for (default per request: 256)")
+    p.add_argument("--generation-queue", type=int, default=8,
+                   help="generation requests held at once, the running one included; "
+                        "beyond it: 503")
     p.set_defaults(fn=cmd_serve)
 
     p = verbs.add_parser("monitor", help="classify timestamped texts, track the negative "
@@ -489,6 +560,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="integration steps for ig")
     p.add_argument("--out", help="output folder (default: RUN_DIR/explain)")
     p.set_defaults(fn=cmd_explain)
+
+    p = verbs.add_parser("zeroshot", help="classify with no training: sentence similarity, "
+                         "causal-LM scoring or an NLI run (docs/fewshot.md)")
+    p.add_argument("--model", required=True, help="minilm, mpnet (similarity); smollm2, "
+                   "gemma3-270m (lm); an NLI classification run (nli); or a model folder")
+    p.add_argument("--scorer", choices=["similarity", "lm", "nli"],
+                   help="default: nli for a run directory, lm for a causal LM, else similarity")
+    p.add_argument("--data", required=True, help="texts to classify; with a label column, "
+                   "metrics are computed too")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--labels", help="comma-separated label names in id order (0, 1, ...)")
+    p.add_argument("--label-file", help="YAML/JSON: label -> description(s), or -> "
+                   "{descriptions: [...], verbalizers: [...]}")
+    p.add_argument("--template", action="append", help="similarity/nli: template with {} for "
+                   "the description, e.g. 'This review is {}.' (repeatable)")
+    p.add_argument("--aggregate", choices=["max", "mean"],
+                   help="combine a label's descriptions/verbalisers (default max)")
+    p.add_argument("--temperature", type=float, help="similarity: softmax temperature (0.05)")
+    p.add_argument("--prompt", help="lm: prompt with {text}, e.g. 'Review: {text}\\nSentiment:'")
+    p.add_argument("--verbalizer-prefix", help="lm: text between prompt and label word "
+                   "(default a space; '' for Chinese)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="lm: skip contextual calibration")
+    p.add_argument("--no-length-norm", action="store_true",
+                   help="lm: sum label-token log-probabilities instead of averaging them")
+    p.add_argument("--entailment-label", help="nli: the run's entailment label "
+                   "(default: the one named entailment)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--output", help="predictions file (default: OUT/predictions.csv)")
+    p.add_argument("--out", help="folder for zeroshot.json, metrics.json and the confusion "
+                   "plot (default: runs/zeroshot-<date>-<time>)")
+    p.set_defaults(fn=cmd_zeroshot)
+
+    p = verbs.add_parser("fewshot-eval", help="k examples per class over several seeds: "
+                         "SetFit, fine-tuning, zero-shot; mean ± std table")
+    p.add_argument("recipe", nargs="?", help="recipe: data.train is the pool, data.test the test")
+    p.add_argument("overrides", nargs="*", help="key=value, including setfit.* and finetune.*")
+    p.add_argument("--methods", default="setfit,finetune,zeroshot",
+                   help="comma-separated: setfit, finetune, zeroshot")
+    p.add_argument("--k", default="8,16,32", help="examples per class (comma-separated)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="sampling/training seeds")
+    p.add_argument("--label-file", help="zeroshot: label descriptions (as for tunelab zeroshot)")
+    p.add_argument("--out", help="output folder (default: runs/fewshot-<date>-<time>)")
+    p.set_defaults(fn=cmd_fewshot_eval)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)

@@ -307,7 +307,7 @@ def _percent(ratio: float) -> str:
     return f"{ratio * 100:.4g}%"
 
 
-def _hold_out(splits: dict, sources: dict, train_name: str, cfg: DataConfig) -> None:
+def hold_out(splits: dict, sources: dict, train_name: str, cfg: DataConfig) -> None:
     """Fill the validation/test splits that have no file from the training rows."""
     ratios = {}
     if "validation" not in splits and cfg.validation_ratio > 0:
@@ -363,11 +363,11 @@ def load_classification_data(cfg: DataConfig) -> ClassificationData:
                                     problems[split], read_cfg) for split in items}
     for split, (path, name) in files.items():
         if not splits[split]:
-            raise DataError(_no_rows_message(problems[split]), file=name)
+            raise DataError(no_rows_message(problems[split]), file=name)
     sources = {split: (f"packaged demo: SST-2 sample ({len(splits[split])} rows)" if demo
                        else name) for split, (path, name) in files.items()}
     if not demo:
-        _hold_out(splits, sources, cfg.train, cfg)
+        hold_out(splits, sources, cfg.train, cfg)
     if cfg.max_train_rows is not None and len(splits["train"]) > cfg.max_train_rows:
         total = len(splits["train"])
         splits["train"] = stratified_subsample(splits["train"], cfg.max_train_rows,
@@ -382,7 +382,7 @@ def load_classification_data(cfg: DataConfig) -> ClassificationData:
                               {split: sources[split] for split in ordered})
 
 
-def _no_rows_message(problems: list[Problem]) -> str:
+def no_rows_message(problems: list[Problem]) -> str:
     if not problems:
         return "no usable rows"
     kinds = Counter(p.kind() for p in problems).most_common(3)
@@ -404,6 +404,22 @@ def _check_classes(train: list[Example], labels: list[str], name: str) -> None:
 # reports and prediction inputs
 
 
+def problem_lines(problems: list[Problem], unit: str, max_problems: int = 10) -> list[str]:
+    """'Dropped N <unit>:' then each reason with its count and the first rows' places."""
+    if not problems:
+        return [f"No {unit} dropped."]
+    lines = [f"Dropped {len(problems)} {unit}:"]
+    groups: dict[str, list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault(problem.kind(), []).append(problem)
+    for kind, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {kind}: {len(group)}")
+        lines += [f"    {p.where()}: {p.reason}" for p in group[:max_problems]]
+        if len(group) > max_problems:
+            lines.append(f"    ... and {len(group) - max_problems} more")
+    return lines
+
+
 def format_preflight(data: ClassificationData, max_problems: int = 10) -> str:
     """A readable report: rows per split and class, sources, then dropped rows by reason."""
     names = list(data.splits)
@@ -420,18 +436,7 @@ def format_preflight(data: ClassificationData, max_problems: int = 10) -> str:
     lines.append("Sources:")
     width = max(len(name) for name in names)
     lines += [f"  {name.ljust(width)}  {data.sources.get(name, '')}" for name in names]
-    if not data.problems:
-        lines.append("No rows dropped.")
-        return "\n".join(lines)
-    lines.append(f"Dropped {len(data.problems)} rows:")
-    groups: dict[str, list[Problem]] = {}
-    for problem in data.problems:
-        groups.setdefault(problem.kind(), []).append(problem)
-    for kind, problems in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"  {kind}: {len(problems)}")
-        lines += [f"    {p.where()}: {p.reason}" for p in problems[:max_problems]]
-        if len(problems) > max_problems:
-            lines.append(f"    ... and {len(problems) - max_problems} more")
+    lines += problem_lines(data.problems, "rows", max_problems)
     return "\n".join(lines)
 
 
@@ -471,5 +476,5 @@ def load_labeled_file(path: str, cfg: DataConfig, labels: list[str],
     items = _read_items(path, cfg, format, problems)
     examples = _assign_labels(items, labels, cfg.labels is not None, problems, cfg)
     if not examples:
-        raise DataError(_no_rows_message(problems), file=path)
+        raise DataError(no_rows_message(problems), file=path)
     return examples, problems

@@ -168,8 +168,8 @@ def read_documents(path: str, format: str, text_column: str,
     return _text_documents(path, separator)
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    from tunelab.data.readers import _lines as decoded_lines  # BOM and UTF-16 handling
+def _text_lines(path: str) -> Iterator[tuple[int, str]]:
+    from tunelab.data.readers import numbered_lines as decoded_lines  # BOM and UTF-16 handling
 
     for number, text, bad in decoded_lines(path):
         if bad:
@@ -180,12 +180,12 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 
 def _text_documents(path: str, separator: str) -> Iterator[Document]:
     if separator == "line":
-        for number, text in _lines(path):
+        for number, text in _text_lines(path):
             yield Document(text.strip(), path, number)
         return
     paragraph: list[str] = []
     start = 0
-    for number, text in _lines(path):
+    for number, text in _text_lines(path):
         if text.strip():
             if not paragraph:
                 start = number
@@ -203,7 +203,7 @@ def _jsonl_documents(path: str, column: str) -> Iterator[Document]:
     if head.startswith(b"["):
         raise DataError("holds a JSON array; a corpus is read as JSON Lines (one object per "
                         "line) so that it streams: convert it", file=path)
-    for number, text in _lines(path):
+    for number, text in _text_lines(path):
         if not text.strip():
             continue
         try:

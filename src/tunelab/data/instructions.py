@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from tunelab.config import DataConfig
-from tunelab.data.classification import (MAX_PREFLIGHT_PROBLEMS, SPLITS, Problem, _hold_out,
-                                         stratified_subsample)
+from tunelab.data.classification import (MAX_PREFLIGHT_PROBLEMS, SPLITS, Problem, hold_out,
+                                         problem_lines, stratified_subsample)
 from tunelab.data.readers import detect_format, read_rows
 from tunelab.errors import DataError
 
@@ -322,7 +322,7 @@ def load_instruction_data(cfg: DataConfig, fields) -> InstructionData:
             splits[split], dropped = read_file(path, fields, cfg.format)
             problems += dropped
             sources[split] = path
-    _hold_out(splits, sources, cfg.train, cfg)
+    hold_out(splits, sources, cfg.train, cfg)
     if cfg.max_train_rows is not None and len(splits["train"]) > cfg.max_train_rows:
         total = len(splits["train"])
         splits["train"] = stratified_subsample(splits["train"], cfg.max_train_rows,
@@ -373,16 +373,5 @@ def format_preflight(data: InstructionData, max_problems: int = 10) -> str:
         lines.append(f"  {name.ljust(width)}  {len(conversations)} conversations ({kinds}), "
                      f"{sum(_responses(c) for c in conversations)} responses; "
                      f"from {data.sources.get(name, '')}")
-    if not data.problems:
-        lines.append("No records dropped.")
-        return "\n".join(lines)
-    lines.append(f"Dropped {len(data.problems)} records:")
-    groups: dict[str, list[Problem]] = {}
-    for problem in data.problems:
-        groups.setdefault(problem.kind(), []).append(problem)
-    for kind, problems in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"  {kind}: {len(problems)}")
-        lines += [f"    {p.where()}: {p.reason}" for p in problems[:max_problems]]
-        if len(problems) > max_problems:
-            lines.append(f"    ... and {len(problems) - max_problems} more")
+    lines += problem_lines(data.problems, "records", max_problems)
     return "\n".join(lines)

@@ -69,13 +69,13 @@ def _resolve_format(path, format: str) -> str:
 def read_rows(path: str | Path, format: str = "auto") -> Iterator[Row]:
     """Yield the rows of a data file. Streams csv, tsv, jsonl and labeltext files."""
     fmt = _resolve_format(path, format)
-    _check_readable(path)
+    check_readable(path)
     readers = {"csv": _read_csv, "tsv": _read_tsv, "json": _read_json, "jsonl": _read_jsonl,
                "parquet": _read_parquet, "labeltext": _read_labeltext}
     return readers[fmt](path)
 
 
-def _check_readable(path) -> None:
+def check_readable(path) -> None:
     p = Path(path)
     if not p.exists():
         raise DataError("file not found", file=str(path))
@@ -89,7 +89,7 @@ def _check_readable(path) -> None:
 # line-oriented text formats
 
 
-def _lines(path, bad_lines: list[int] | None = None) -> Iterator[tuple[int, str, bool]]:
+def numbered_lines(path, bad_lines: list[int] | None = None) -> Iterator[tuple[int, str, bool]]:
     """(line number, text, bad_encoding) per physical line, line endings kept.
 
     Decoding line by line is safe for UTF-8: the newline byte never occurs inside a
@@ -110,7 +110,7 @@ def _lines(path, bad_lines: list[int] | None = None) -> Iterator[tuple[int, str,
 
 
 def _read_labeltext(path) -> Iterator[Row]:
-    for number, text, bad in _lines(path):
+    for number, text, bad in numbered_lines(path):
         parts = text.strip().split(None, 1)
         if not parts:
             continue
@@ -119,7 +119,7 @@ def _read_labeltext(path) -> Iterator[Row]:
 
 
 def _read_jsonl(path) -> Iterator[Row]:
-    for number, text, bad in _lines(path):
+    for number, text, bad in numbered_lines(path):
         if not text.strip():
             continue
         try:
@@ -135,7 +135,7 @@ def _read_jsonl(path) -> Iterator[Row]:
 
 def _read_tsv(path) -> Iterator[Row]:
     header = None
-    for number, text, bad in _lines(path):
+    for number, text, bad in numbered_lines(path):
         text = text.rstrip("\r\n")
         if not text.strip():
             continue
@@ -150,7 +150,7 @@ def _read_tsv(path) -> Iterator[Row]:
 
 def _read_csv(path) -> Iterator[Row]:
     bad_lines: list[int] = []
-    reader = csv.reader(text for _, text, _ in _lines(path, bad_lines))
+    reader = csv.reader(text for _, text, _ in numbered_lines(path, bad_lines))
     header, start = None, 1
     while True:
         try:

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataConfig
-from tunelab.data.classification import (MAX_PREFLIGHT_PROBLEMS, SPLITS, Problem, _hold_out,
-                                         _no_rows_message, stratified_subsample)
-from tunelab.data.readers import EXTENSIONS, _check_readable, _lines, read_rows
+from tunelab.data.classification import (MAX_PREFLIGHT_PROBLEMS, SPLITS, Problem, hold_out,
+                                         no_rows_message, problem_lines,
+                                         stratified_subsample)
+from tunelab.data.readers import EXTENSIONS, check_readable, numbered_lines, read_rows
 from tunelab.errors import DataError
 
 SCHEMES = ("auto", "IOB1", "IOB2", "BIOES")
@@ -195,9 +196,9 @@ def read_tagged(path: str, settings, format: str, need_tags: bool, id_labels=Non
 
 def _conll_blocks(path) -> list[list[tuple[int, list[str], bool]]]:
     """Sentences as lists of (line, columns, bad encoding); -DOCSTART- lines end a sentence."""
-    _check_readable(path)
+    check_readable(path)
     blocks, block = [], []
-    for number, text, bad in _lines(path):
+    for number, text, bad in numbered_lines(path):
         columns = text.split()
         if not columns or columns[0] == "-DOCSTART-":
             if block:
@@ -411,7 +412,7 @@ def load_tagging_data(cfg: DataConfig, settings) -> TaggingData:
     for split, path in files.items():
         if not splits[split]:
             raise DataError(_no_sentences(problems[split]), file=path)
-    _hold_out(splits, sources, cfg.train, cfg)
+    hold_out(splits, sources, cfg.train, cfg)
     if cfg.max_train_rows is not None and len(splits["train"]) > cfg.max_train_rows:
         total = len(splits["train"])
         splits["train"] = stratified_subsample(splits["train"], cfg.max_train_rows,
@@ -428,7 +429,7 @@ def load_tagging_data(cfg: DataConfig, settings) -> TaggingData:
 
 
 def _no_sentences(problems: list[Problem]) -> str:
-    return _no_rows_message(problems).replace("usable rows", "usable sentences", 1)
+    return no_rows_message(problems).replace("usable rows", "usable sentences", 1)
 
 
 def _label_list(cfg: DataConfig, train: list[_Raw], scheme: str) -> list[str]:
@@ -498,16 +499,5 @@ def format_preflight(data: TaggingData, max_problems: int = 10) -> str:
     lines.append("Sources:")
     width = max(len(name) for name in names)
     lines += [f"  {name.ljust(width)}  {data.sources.get(name, '')}" for name in names]
-    if not data.problems:
-        lines.append("No sentences dropped.")
-        return "\n".join(lines)
-    lines.append(f"Dropped {len(data.problems)} sentences:")
-    groups: dict[str, list[Problem]] = {}
-    for problem in data.problems:
-        groups.setdefault(problem.kind(), []).append(problem)
-    for kind, problems in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"  {kind}: {len(problems)}")
-        lines += [f"    {p.where()}: {p.reason}" for p in problems[:max_problems]]
-        if len(problems) > max_problems:
-            lines.append(f"    ... and {len(problems) - max_problems} more")
+    lines += problem_lines(data.problems, "sentences", max_problems)
     return "\n".join(lines)

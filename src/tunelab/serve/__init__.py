@@ -1,6 +1,10 @@
-"""`tunelab serve`: an HTTP API over finished runs.
+"""`tunelab serve`: an HTTP API over finished runs of every task (docs/serving.md).
 
-    app.py      FastAPI endpoints, limits, API key, Prometheus metrics, the `serve` command
-    pool.py     the served runs by name; adapter runs on one base share its weights
-    batcher.py  dynamic micro-batching in a worker thread
+    app.py         FastAPI app: classify, explain, tag, models, health, metrics; limits, API
+                   key, Prometheus metrics; the `serve` command
+    generation.py  /v1/generate and the OpenAI-compatible /v1/chat/completions (streamed or
+                   not), run one at a time beside the batcher
+    api.py         what the route modules share: errors, limits, finding the requested model
+    pool.py        the served runs by name; classification adapter runs on one base share it
+    batcher.py     dynamic micro-batching in a worker thread
 """

@@ -1,16 +1,28 @@
-"""The HTTP API: FastAPI over the model pool and the micro-batcher.
+"""The HTTP API: FastAPI over the model pool, the micro-batcher and the generation lane.
 
-    POST /v1/classify   {"model"?, "texts": [...], "text_pairs"?: [...]} -> predictions
-    POST /v1/explain    {"model"?, "texts", "text_pairs"?, "label"?, "method"?: "ig"|"gxi",
-                         "steps"?} -> per text: label, words and their attribution scores
-    GET  /v1/models     what is served: name, base, method, labels, trainable parameters
+    POST /v1/classify   classification runs: {"model"?, "texts": [...], "text_pairs"?: [...]}
+                        -> per text: label, score, scores
+    POST /v1/explain    classification runs: {"model"?, "texts", "text_pairs"?, "label"?,
+                        "method"?: "ig"|"gxi", "steps"?} -> per text: words and attributions
+    POST /v1/tag        token_classification runs: {"model"?, "texts": [...]}
+                        -> per text: entities {type, text, start, end, score} (char offsets)
+    POST /v1/generate   instruction and causal_lm runs: {"model"?, "prompts" | "messages",
+                        "max_new_tokens"?, "temperature"?, "top_p"?, "seed"?}
+                        -> per prompt: text, finished, prompt_tokens, new_tokens
+    POST /v1/chat/completions
+                        OpenAI-compatible chat (a subset; "stream": true for Server-Sent Events)
+    GET  /v1/models     what is served: name, task, endpoints, base, method, labels, parameters
     POST /v1/models     {"name", "run_dir"}: serve one more run (shares its base if loaded)
     GET  /health        liveness: no key needed
-    GET  /metrics       Prometheus text: requests, latency, batch sizes, queue depth, errors
+    GET  /metrics       Prometheus text: requests, latency, batch sizes, queue depths,
+                        generated tokens, errors
 
-Served outputs come from the same Predictor engine as `tunelab predict`. A task adds its
-endpoint here (request/response models + one route) and its runner to `RUNNERS`; the batcher
-and the pool need no change. Errors are JSON `{"error": {"type", "message"}}`.
+Every answer comes from the engine behind `tunelab predict` / `tunelab generate` for the run's
+task. A model asked at an endpoint of another task gets a 400 naming its task and endpoints.
+Classification and tagging go through the micro-batcher (a task's runner in `RUNNERS`);
+generation runs beside it (generation.py). A new task adds its endpoints to
+pool.TASK_ENDPOINTS, its route here (or in a module of its own) and, if it batches, a runner.
+Errors are JSON `{"error": {"type", "message"}}`.
 """
 from __future__ import annotations
 
@@ -33,7 +45,9 @@ from pydantic import BaseModel, Field
 import tunelab
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.explain import explain
+from tunelab.serve.api import ERRORS, ApiError, check_texts, overloaded, resolve
 from tunelab.serve.batcher import Batcher, QueueFull
+from tunelab.serve.generation import GenerationLane, generation_routes
 from tunelab.serve.pool import ModelPool
 
 
@@ -58,9 +72,16 @@ class ServeSettings:
     """auto (each run's training precision), bf16 or fp32."""
     threads: int = 0
     """Torch threads for inference; 0 = every core this process may use."""
+    max_new_tokens: int = 1024
+    """Most new tokens a generation may ask for (/v1/generate max_new_tokens, chat
+    max_tokens); more get 422. A request that names none gets min(256, this)."""
+    generation_queue: int = 8
+    """Generation requests held at once, the running one included (one generates at a time);
+    one more gets 503."""
 
     def __post_init__(self):
-        for name in ("max_batch", "queue_size", "max_texts", "max_chars"):
+        for name in ("max_batch", "queue_size", "max_texts", "max_chars", "max_new_tokens",
+                     "generation_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0:
@@ -129,31 +150,47 @@ class ExplainResponse(BaseModel):
     explanations: list[ExplainedText]
 
 
+class TagRequest(BaseModel):
+    model: str | None = Field(None, description="served model name; optional if only one "
+                              "served model tags")
+    texts: list[str] = Field(description="raw texts to tag (at least one)")
+
+
+class Entity(BaseModel):
+    type: str
+    text: str = Field(description="the entity as written: the text's [start:end]")
+    start: int = Field(description="character offset of its first character")
+    end: int = Field(description="character offset after its last character")
+    score: float = Field(description="mean probability of its words' tags")
+
+
+class Tagged(BaseModel):
+    entities: list[Entity]
+
+
+class TagResponse(BaseModel):
+    model: str
+    predictions: list[Tagged]
+
+
 class AddModelRequest(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     run_dir: str
-
-
-class ErrorBody(BaseModel):
-    error: dict[str, str]
-
-
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
 def classify_runner(served, texts: list[str], pairs: list[str] | None) -> list[dict]:
     return served.predictor.predict(texts, pairs)
 
 
-RUNNERS = {"classify": classify_runner}
-KNOWN_PATHS = {"/v1/classify", "/v1/explain", "/v1/models", "/health", "/metrics"}
+def tag_runner(served, texts: list[str], pairs: list[str] | None) -> list[dict]:
+    """Entities only: the words and tags the predictor also returns are its own business."""
+    return [{"entities": p["entities"]} for p in served.predictor.predict(texts)]
+
+
+RUNNERS = {"classify": classify_runner, "tag": tag_runner}
 """Task -> function the batcher calls in its worker thread."""
+KNOWN_PATHS = {"/v1/classify", "/v1/explain", "/v1/tag", "/v1/generate", "/v1/chat/completions",
+               "/v1/models", "/health", "/metrics"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,20 +198,26 @@ KNOWN_PATHS = {"/v1/classify", "/v1/explain", "/v1/models", "/health", "/metrics
 
 
 class Metrics:
-    def __init__(self, depth):
+    def __init__(self, depth, generation_held):
         self.registry = CollectorRegistry()  # per app: several apps may live in one process
         r = self.registry
         self.requests = Counter("tunelab_requests", "HTTP requests by endpoint, model and status",
                                 ["endpoint", "model", "status"], registry=r)
         self.latency = Histogram("tunelab_request_seconds", "Request latency by endpoint",
                                  ["endpoint"], registry=r, buckets=(
-                                     .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
+                                     .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10,
+                                     30, 120))
         self.batch = Histogram("tunelab_batch_texts", "Texts per forward pass, by model",
                                ["model"], registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.errors = Counter("tunelab_errors", "Error responses by type", ["type"], registry=r)
         self.queue = Gauge("tunelab_queue_depth", "Requests waiting for the batcher", registry=r)
         self.queue.set_function(depth)
+        self.generation = Gauge("tunelab_generation_held", "Generation requests waiting or "
+                                "running", registry=r)
+        self.generation.set_function(generation_held)
+        self.generated = Counter("tunelab_generated_tokens", "Tokens generated, by model",
+                                 ["model"], registry=r)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +228,8 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
     batcher = Batcher(pool.models, RUNNERS, max_batch=settings.max_batch,
                       max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size,
                       threads=settings.threads)
-    metrics = Metrics(batcher.depth)
+    lane = GenerationLane(settings.generation_queue)
+    metrics = Metrics(batcher.depth, lambda: lane.held)
     batcher.on_batch = lambda model, n: metrics.batch.labels(model).observe(n)
 
     @asynccontextmanager
@@ -193,47 +237,46 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
         batcher.start()
         yield
         batcher.stop()
+        lane.close()
 
     app = FastAPI(title="tunelab serve", version=tunelab.__version__, lifespan=lifespan,
-                  description="Predictions from tunelab runs; many adapters share one base. "
-                  "When the server has an API key, /v1/* and /metrics need "
-                  "'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
+                  description="Predictions, entity spans and generated text from tunelab runs; "
+                  "many adapters share one base. When the server has an API key, /v1/* and "
+                  "/metrics need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
     app.state.pool, app.state.batcher, app.state.settings = pool, batcher, settings
-    app.state.metrics = metrics
+    app.state.metrics, app.state.lane = metrics, lane
     install_middleware(app, settings, metrics)
     install_error_handlers(app, metrics)
 
-    def resolve(name: str | None, request: Request):
-        if name is None:
-            if len(pool.models) != 1:
-                raise ApiError(422, "invalid_request", "give \"model\": several are served: "
-                               + ", ".join(pool.names()))
-            name = pool.names()[0]
-        if name not in pool.models:
-            raise ApiError(404, "model_not_found", f"unknown model {name!r}; served models: "
-                           + ", ".join(pool.names()))
-        request.state.model = name
-        return pool.models[name]
+    async def batched(served, task: str, texts: list[str], pairs: list[str] | None) -> list:
+        try:
+            return await batcher.submit(served.name, task, texts, pairs)
+        except QueueFull:
+            raise overloaded("request queue", settings.queue_size,
+                             "waiting, --queue-size") from None
+        except Exception as e:  # raised by the model in the worker thread
+            raise ApiError(500, "inference", f"{type(e).__name__}: {e}") from None
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
               tags=["classification"])
     async def classify(body: ClassifyRequest, request: Request):
-        served = resolve(body.model, request)
+        served = resolve(pool, body.model, "/v1/classify", request)
         check_texts(body.texts, body.text_pairs, settings)
-        try:
-            preds = await batcher.submit(served.name, "classify", body.texts, body.text_pairs)
-        except QueueFull:
-            raise ApiError(503, "overloaded", f"the request queue is full ({settings.queue_size} "
-                           "waiting, --queue-size); retry shortly",
-                           headers={"Retry-After": "1"}) from None
-        except Exception as e:  # raised by the model in the worker thread
-            raise ApiError(500, "inference", f"{type(e).__name__}: {e}") from None
+        preds = await batched(served, "classify", body.texts, body.text_pairs)
         return {"model": served.name, "predictions": preds}
+
+    @app.post("/v1/tag", response_model=TagResponse, responses=ERRORS,
+              tags=["token classification"])
+    async def tag(body: TagRequest, request: Request):
+        served = resolve(pool, body.model, "/v1/tag", request)
+        check_texts(body.texts, None, settings)
+        return {"model": served.name,
+                "predictions": await batched(served, "tag", body.texts, None)}
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS,
               tags=["classification"])
     async def explain_texts(body: ExplainRequest, request: Request):
-        served = resolve(body.model, request)
+        served = resolve(pool, body.model, "/v1/explain", request)
         check_texts(body.texts, body.text_pairs, settings)
         labels = served.predictor.labels
         if body.label is not None and body.label not in labels:
@@ -250,9 +293,15 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
              "scores": e.word_scores, "pair_words": e.pair_words,
              "pair_scores": e.pair_scores, "delta": e.delta} for e in found]}
 
+    app.include_router(generation_routes(pool, settings, lane, metrics))
+
     @app.get("/v1/models", tags=["models"])
     async def list_models():
-        return {"models": [s.describe() for s in pool.models.values()]}
+        """Ours under "models"; under "data" the shape OpenAI clients list models with."""
+        served = list(pool.models.values())
+        return {"models": [s.describe() for s in served], "object": "list", "data": [
+            {"id": s.name, "object": "model", "owned_by": "tunelab",
+             "created": int((s.run_dir / "config.yaml").stat().st_mtime)} for s in served]}
 
     @app.post("/v1/models", status_code=201, responses=ERRORS, tags=["models"])
     async def add_model(body: AddModelRequest, request: Request):
@@ -267,30 +316,14 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health", tags=["service"])
     async def health():
-        return {"status": "ok", "models": pool.names(), "queue_depth": batcher.depth()}
+        return {"status": "ok", "models": pool.names(), "queue_depth": batcher.depth(),
+                "generation_held": lane.held}
 
     @app.get("/metrics", tags=["service"])
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def check_texts(texts: list[str], pairs: list[str] | None, settings: ServeSettings) -> None:
-    if not texts:
-        raise ApiError(422, "invalid_request", "texts is empty: give at least one text")
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, "too_large", f"texts has {len(texts)} items; the limit (--max-texts) "
-                       f"is {settings.max_texts}: texts[{settings.max_texts}] is the first "
-                       "over it; split the request")
-    if pairs is not None and len(pairs) != len(texts):
-        raise ApiError(422, "invalid_request", f"text_pairs has {len(pairs)} items but texts "
-                       f"has {len(texts)}: give one pair per text")
-    for field, items in (("texts", texts), ("text_pairs", pairs or [])):
-        for i, text in enumerate(items):
-            if len(text) > settings.max_chars:
-                raise ApiError(413, "too_large", f"{field}[{i}] has {len(text)} characters; the "
-                               f"limit (--max-chars) is {settings.max_chars}")
 
 
 def install_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> None:
@@ -387,8 +420,8 @@ def serve(specs: list[str], settings: ServeSettings) -> None:
     pool = ModelPool(settings.precision, settings.max_batch)
     for name, folder in parse_run_specs(specs):
         served = pool.add(name, folder)
-        print(f"loaded {name}: {served.method} on {served.base_model} from {folder} "
-              f"({served.private_bytes / 2**20:.2f} MB of its own)", flush=True)
+        print(f"loaded {name}: {served.method} on {served.base_model} from {folder}, "
+              f"{served.task} ({served.private_bytes / 2**20:.2f} MB of its own)", flush=True)
     app = create_app(pool, settings)
     print(f"serving {', '.join(pool.names())} on http://{settings.host}:{settings.port} "
           f"(API spec: /openapi.json, docs: /docs)", flush=True)

@@ -14,8 +14,13 @@ of its own:
 
 A parameter the method trains is given private storage before its weights are loaded, so a
 run never writes into the shared tensors. Runs with identical tokenizer files share one
-tokenizer too. Runs that saved a whole model (`full`) are loaded
-as they are. Every run is served through a `Predictor`, the engine behind `tunelab predict`.
+tokenizer too. Classification runs that saved a whole model (`full`) are loaded as they are.
+Every classification run is served through a `Predictor`, the engine behind `tunelab predict`.
+
+Runs of the other tasks (token_classification, instruction, causal_lm) load with
+`tunelab.load`, each as a model of its own (no base sharing: `shares_base` is None), so they
+answer exactly as `tunelab predict` / `tunelab generate` do. `TASK_ENDPOINTS` says which HTTP
+endpoints serve each task; a run of a task not listed there is refused when it is added.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import tunelab
 from tunelab import models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
@@ -68,24 +74,47 @@ class SharedBase:
                                                          *self.buffers.values()]}
 
 
+TASK_ENDPOINTS = {
+    "classification": ("/v1/classify", "/v1/explain"),
+    "token_classification": ("/v1/tag",),
+    "instruction": ("/v1/generate", "/v1/chat/completions"),
+    "causal_lm": ("/v1/generate", "/v1/chat/completions"),
+}
+"""Task -> the endpoints that serve its runs (a causal_lm run chats only with a chat template)."""
+
+
 @dataclass
 class Served:
     name: str
     run_dir: Path
-    predictor: Predictor
+    predictor: object
+    """The task's predictor: Predictor, TaggingPredictor, Generator or LMPredictor."""
+    task: str
     method: str
     base_model: str
     """config.model.name of the run."""
     shared_base: str | None
-    """The resolved base whose tensors this run shares, or None (a whole saved model)."""
+    """The resolved base whose tensors this run shares, or None (a model of its own)."""
     trainable_params: int
     private_bytes: int
     """Memory held by this run alone (tensors that are not the shared base's)."""
+    chat: object | None = None
+    """The Generator that renders message lists with a chat template: the predictor itself
+    for instruction runs; for a causal_lm run, one over the same model and tokenizer when the
+    tokenizer brings a template of its own; None otherwise."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        found = TASK_ENDPOINTS[self.task]
+        if self.chat is None:
+            found = tuple(e for e in found if e != "/v1/chat/completions")
+        return found
 
     def describe(self) -> dict:
         p = self.predictor
-        return {"name": self.name, "run_dir": str(self.run_dir), "task": p.config.task.name,
-                "base_model": self.base_model, "method": self.method, "labels": p.labels,
+        return {"name": self.name, "run_dir": str(self.run_dir), "task": self.task,
+                "endpoints": list(self.endpoints), "base_model": self.base_model,
+                "method": self.method, "labels": list(getattr(p, "labels", [])),
                 "trainable_params": self.trainable_params, "shares_base": self.shared_base,
                 "private_mb": round(self.private_bytes / 2**20, 3),
                 "precision": "bf16" if p.bf16 else "fp32"}
@@ -117,13 +146,13 @@ class ModelPool:
 
     def _load(self, name: str, run_dir: Path) -> Served:
         config, env, labels = runs.read_run(run_dir)
+        task = config.task.name
+        if task not in TASK_ENDPOINTS:
+            raise TunelabError(f"{run_dir} is a {task} run; tunelab serve serves "
+                               f"{', '.join(TASK_ENDPOINTS)} runs")
         spec = registry.get_method(config.method.name)
-        if spec.saves == "model":
-            predictor = Predictor.from_run(run_dir, self.precision, self.batch_size)
-            trainable, _ = registry.count_parameters(predictor.model)
-            size = sum(t.numel() * t.element_size() for t in predictor.model.state_dict().values())
-            return Served(name, run_dir, predictor, spec.name, config.model.name, None,
-                          trainable, size)
+        if task != "classification" or spec.saves == "model":
+            return self._load_whole(name, run_dir, config, spec.name)
         model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
         # the same precision rule as Predictor.from_run
         chosen = env.get("precision", "fp32") if self.precision == "auto" else self.precision
@@ -132,8 +161,20 @@ class ModelPool:
                               self.batch_size, config)
         predictor.run_dir = run_dir
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return Served(name, run_dir, predictor, spec.name, config.model.name, base.path,
-                      trainable, private_bytes(model, base))
+        return Served(name, run_dir, predictor, task, spec.name, config.model.name, base.path,
+                      trainable, owned_bytes(model, base.storages()))
+
+    def _load_whole(self, name: str, run_dir: Path, config, method: str) -> Served:
+        """A run as `tunelab.load` gives it, holding every tensor of its own."""
+        predictor = tunelab.load(run_dir, precision=self.precision, batch_size=self.batch_size)
+        trainable, _ = registry.count_parameters(predictor.model)
+        task, chat = config.task.name, None
+        if task == "instruction":
+            chat = predictor
+        elif task == "causal_lm":
+            chat = chat_generator(predictor)
+        return Served(name, run_dir, predictor, task, method, config.model.name, None,
+                      trainable, owned_bytes(predictor.model), chat)
 
     def _build_adapter_model(self, run_dir: Path, config, labels: list[str], env: dict):
         """Base (shared) + method + the run's adapter/ weights; mirrors predict.load_run_model."""
@@ -234,8 +275,8 @@ def load_adapter(model: torch.nn.Module, folder: Path, base: SharedBase) -> None
     model.load_state_dict(state, strict=False)
 
 
-def private_bytes(model: torch.nn.Module, base: SharedBase) -> int:
-    shared = base.storages()
+def owned_bytes(model: torch.nn.Module, shared: set[int] = frozenset()) -> int:
+    """Bytes of the model's tensors whose storage is not in `shared`; tied tensors count once."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()
@@ -243,3 +284,20 @@ def private_bytes(model: torch.nn.Module, base: SharedBase) -> int:
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def chat_generator(lm):
+    """A Generator over a causal_lm run's model and tokenizer, or None. A causal LM is trained
+    on plain text; it can chat only if its tokenizer brings a chat template of its own (a
+    continued pretraining of an instruct model does, a model trained from scratch does not):
+    another template would show it text it never saw."""
+    if not lm.tokenizer.chat_template:
+        return None
+    from tunelab.config import resolve_config
+    from tunelab.generate import Generator
+
+    config = resolve_config(tree={"task": {"name": "instruction", "template": "auto"},
+                                  "model": {"name": lm.config.model.name,
+                                            "max_length": lm.max_length}})
+    return Generator(lm.model, lm.tokenizer, config, lm.bf16, lm.batch_size,
+                     name=str(lm.run_dir))
