@@ -256,6 +256,7 @@ def load_classifier(run_dir: str, what: str):
 
 def cmd_monitor(args) -> None:
     from tunelab import monitor
+    from tunelab.monitor_report import format_report
     from tunelab.data.readers import read_rows
 
     watcher = monitor.Monitor(
@@ -275,7 +276,7 @@ def cmd_monitor(args) -> None:
     if watcher.texts == 0:
         raise TunelabError(f"{source}: no usable rows" + (
             f"; first problem: {watcher.problems[0]}" if watcher.problems else ""))
-    print(monitor.format_report(watcher, source))
+    print(format_report(watcher, source))
     print(f"written to {out}/: report.md, series.csv, alerts.csv, alerts.jsonl, trend.png")
 
 

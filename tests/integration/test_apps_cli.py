@@ -4,14 +4,11 @@ import csv
 import io
 import json
 import random
-import socket
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 from conftest import toy_rows, write_csv
+from serving import running
 
 import tunelab
 from tunelab.cli import main
@@ -149,28 +146,6 @@ def test_explain_command(run, tmp_path, capsys):
     assert data["explanations"][0]["pair_words"] == ["good"] and data["steps"] is None
     assert main(["explain", str(run), "--text", "a", "--text", "b", "--pair", "c"]) == 2
     assert "one --pair per --text" in capsys.readouterr().err
-
-
-@contextmanager
-def running(app):
-    """uvicorn in a thread on a socket bound here (no free-port race); stopped on exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_explain_endpoint(run):

@@ -7,13 +7,12 @@ generation queue get clear 4xx/503 answers."""
 import dataclasses
 import json
 import random
-import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
+from serving import running
 
 import tunelab
 from tunelab.cli import build_parser, main
@@ -156,28 +155,6 @@ def pool(runs):
 @pytest.fixture(scope="module")
 def generator(runs):
     return tunelab.load(runs["chat"])
-
-
-@contextmanager
-def running(app):
-    """uvicorn in a thread on a socket bound here (no free-port race); stopped on exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

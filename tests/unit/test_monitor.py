@@ -10,7 +10,8 @@ import pytest
 from tunelab.data.readers import read_rows
 from tunelab.errors import ConfigError, DataError
 from tunelab.monitor import (BATCH, Monitor, micro_batches, parse_time, parse_window,
-                             read_stream, run, write_report)
+                             read_stream, run)
+from tunelab.monitor_report import write_report
 
 T0 = 1714557600  # 2024-05-01T10:00:00Z
 
