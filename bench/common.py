@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -165,3 +166,40 @@ def fmt(value, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# one recipe trained in a child process
+
+
+def train_job(job_file: str, out_file: str) -> None:
+    """The child's side: train the job's recipe + overrides, write its results, preflight and
+    resolved config as JSON (called by a benchmark script's hidden --child option)."""
+    from tunelab.config import resolve_config
+    from tunelab.train.loop import train
+
+    job = json.loads(Path(job_file).read_text())
+    config = resolve_config(job["recipe"], job["overrides"])
+    run_dir = train(config, quiet=True)
+    write_json(Path(out_file), {
+        "results": json.loads((run_dir / "results.json").read_text()),
+        "preflight": json.loads((run_dir / "preflight.json").read_text()),
+        "config": config.to_dict()})
+
+
+def train_in_child(script: str, recipe: Path, overrides: list[str], tmp: Path,
+                   label: str) -> tuple[dict | None, ChildRun]:
+    """Run `script --child JOB OUT` (which calls `train_job`) so the peak RSS is the training's
+    own; returns (its JSON or None when it failed, the child's measurements)."""
+    job_file, out = tmp / "job.json", tmp / "result.json"
+    job_file.write_text(json.dumps({"recipe": str(recipe), "overrides": overrides}))
+    print(f"[{label}] training {recipe.name} {' '.join(overrides)} ...", file=sys.stderr,
+          flush=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    child = run_child([sys.executable, str(Path(script).resolve()), "--child", str(job_file),
+                       str(out)], env=env)
+    if child.returncode != 0 or not out.is_file():
+        print(f"[{label}] FAILED (exit code {child.returncode}):\n{child.output_tail}",
+              file=sys.stderr)
+        return None, child
+    return json.loads(out.read_text()), child

@@ -11,8 +11,6 @@ semantics), F1 per entity type, training seconds, real tokens/s and peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -50,19 +48,6 @@ def overrides(args, run_dir: Path) -> list[str]:
     if args.max_train_rows is not None:
         out.append(f"data.max_train_rows={args.max_train_rows}")
     return out
-
-
-def child_main(job_file: str, out_file: str) -> None:
-    from tunelab.config import resolve_config
-    from tunelab.train.loop import train
-
-    job = json.loads(Path(job_file).read_text())
-    config = resolve_config(job["recipe"], job["overrides"])
-    run_dir = train(config, quiet=True)
-    results = json.loads((run_dir / "results.json").read_text())
-    preflight = json.loads((run_dir / "preflight.json").read_text())
-    common.write_json(Path(out_file), {"results": results, "preflight": preflight,
-                                       "config": config.to_dict()})
 
 
 def markdown(report: dict) -> str:
@@ -103,23 +88,14 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        child_main(*args.child)
+        common.train_job(*args.child)
         return 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
-        job = {"recipe": str(RECIPE), "overrides": overrides(args, Path(tmp) / "run")}
-        job_file, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job))
-        print(f"[{NAME}] training {RECIPE.name} {' '.join(job['overrides'])} ...",
-              file=sys.stderr, flush=True)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-        child = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child",
-                                  str(job_file), str(out)], env=env)
-        if child.returncode != 0 or not out.is_file():
-            print(f"[{NAME}] FAILED (exit code {child.returncode}):\n{child.output_tail}",
-                  file=sys.stderr)
+        result, child = common.train_in_child(__file__, RECIPE,
+                                              overrides(args, Path(tmp) / "run"), Path(tmp), NAME)
+        if result is None:
             return 1
-        result = json.loads(out.read_text())
     report = {"benchmark": NAME, "command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(), "recipe": str(RECIPE.relative_to(common.REPO_ROOT)),
               **result, "peak_rss_mb": round(child.peak_rss_mb, 1),

@@ -11,8 +11,6 @@ Recipes name their data as ../shared/data/...; --data-dir rewrites that prefix.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -53,33 +51,13 @@ def overrides(args, recipe: Path, run_dir: Path) -> list[str]:
     return out
 
 
-def child_main(job_file: str, out_file: str) -> None:
-    from tunelab.config import resolve_config
-    from tunelab.train.loop import train
-
-    job = json.loads(Path(job_file).read_text())
-    config = resolve_config(job["recipe"], job["overrides"])
-    run_dir = train(config, quiet=True)
-    common.write_json(Path(out_file), {
-        "results": json.loads((run_dir / "results.json").read_text()),
-        "preflight": json.loads((run_dir / "preflight.json").read_text()),
-        "config": config.to_dict()})
-
-
 def run_recipe(args, recipe: Path) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
-        job = {"recipe": str(recipe), "overrides": overrides(args, recipe, Path(tmp) / "run")}
-        job_file, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job))
-        print(f"[{NAME}] {recipe.name} ...", file=sys.stderr, flush=True)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-        child = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child",
-                                  str(job_file), str(out)], env=env)
-        if child.returncode != 0 or not out.is_file():
-            print(f"[{NAME}] {recipe.name} FAILED (exit {child.returncode}):\n"
-                  f"{child.output_tail}", file=sys.stderr)
-            return None
-        result = json.loads(out.read_text())
+        result, child = common.train_in_child(__file__, recipe,
+                                              overrides(args, recipe, Path(tmp) / "run"),
+                                              Path(tmp), NAME)
+    if result is None:
+        return None
     return {"recipe": str(recipe.relative_to(common.REPO_ROOT)), **result,
             "peak_rss_mb": round(child.peak_rss_mb, 1), "seconds": round(child.wall_seconds, 1)}
 
@@ -108,7 +86,7 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        child_main(*args.child)
+        common.train_job(*args.child)
         return 0
     started = time.perf_counter()
     runs = [run_recipe(args, (common.REPO_ROOT / r).resolve()) for r in args.recipe or RECIPES]
