@@ -134,17 +134,21 @@ def load_state_dict_into(model: torch.nn.Module, folder: Path) -> None:
                            f"{result.unexpected_keys[:3]}...); was the method or base changed?")
 
 
-def save_final(run_dir: Path, model: torch.nn.Module, tokenizer, spec, method_cfg) -> Path:
-    """Write model/ (full fine-tuning) or adapter/ (everything else) atomically."""
+def save_final(run_dir: Path, model: torch.nn.Module, tokenizer, spec, method_cfg,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model/ (full fine-tuning) or adapter/ (everything else) atomically. `state`: the
+    weights to write when the model's own tensors are shards (FSDP, ZeRO-3; gathered by the
+    caller), else the model's are read."""
     if spec.saves == "model":
         final = run_dir / "model"
         tmp = staging_dir(final)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, final)
         return final
     final = run_dir / "adapter"
-    save_state_dict(trained_state(model, whole=False), final, extra=method_cfg.to_dict())
+    save_state_dict(state if state is not None else trained_state(model, whole=False), final,
+                    extra=method_cfg.to_dict())
     tmp = staging_dir(run_dir / "tokenizer")
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, run_dir / "tokenizer")

@@ -35,3 +35,13 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Longest first: padding only to similar lengths, and an out-of-memory shows at once."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def lockstep_batches(batches: list, rank: int, world: int) -> tuple[list, int]:
+    """This process's share of evaluation batches, padded with repeats of its last (or the
+    first) batch so every process runs the same number of forward passes -> (share, real)
+    where only the first `real` batches count."""
+    share = batches[rank::world]
+    need = -(-len(batches) // world)
+    filler = share[-1] if share else batches[0]
+    return share + [filler] * (need - len(share)), len(share)

@@ -5,7 +5,8 @@ about as fast, so the reason is exactness. An explicit loop makes three things e
 of Trainer-based tools report broken: the loss under gradient accumulation (divided by the
 items in the whole optimizer step), resume at the exact batch (the batch order is a pure
 function of seed and epoch), and what gets saved (the head is always part of the adapter).
-Accelerate still provides devices, DDP/FSDP/DeepSpeed and trackers.
+Accelerate still provides devices, DDP/FSDP/DeepSpeed and trackers; train/engines.py holds
+the few places where the loop must act differently under a sharding engine (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 
 from tunelab import experiments, runs
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import registry
+from tunelab.train import engines
 from tunelab.train.batching import shard, train_batches
 from tunelab.train.evaluate import autocast, evaluate
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -55,15 +57,22 @@ def train(config, resume: str | Path | None = None, quiet: bool = False,
     cfg, acc = p.config, p.accelerator
     with experiments.running(p.run_dir, acc):
         spec = registry.get_method(cfg.method.name)
+        # the optimizer is built on the bare model and handed to `prepare` with it: Accelerate
+        # then swaps its parameters for the engine's (FSDP's DTensor shards, DeepSpeed's
+        # partitions); the scheduler only rescales the optimizer's lr and stays ours
         optimizer = build_optimizer(p.model, p.lr, cfg.train.weight_decay)
         scheduler = build_scheduler(optimizer, cfg.train.schedule, p.total_steps,
                                     cfg.train.warmup_ratio)
+        p.saved = None if spec.saves == "model" else {
+            n for n, prm in p.model.named_parameters() if prm.requires_grad}  # names before wrapping
+        engines.configure(acc, p.model, cfg.train, spec)
         model, optimizer = acc.prepare(p.model, optimizer)
+        if engines.shards_state(acc):
+            acc.register_for_checkpointing(scheduler)  # saved and restored by save/load_state
         state = LoopState()
         ckpt = runs.latest_checkpoint(p.run_dir) if resume else None
         if ckpt is not None:
-            state = LoopState(**runs.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer,
-                                                     scheduler))
+            state = LoopState(**load_checkpoint(acc, ckpt, model, optimizer, scheduler))
             if acc.is_main_process:
                 runs.truncate_metrics(p.run_dir / "metrics.jsonl", state.step)
             p.say(f"resuming {p.run_dir} at step {state.step} of {p.total_steps}")
@@ -120,6 +129,7 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
     for i, batch in enumerate(batches):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = i == len(batches) - 1
+        engines.mark_boundary(acc, sync)
         with contextlib.nullcontext() if sync else acc.no_sync(model):
             with autocast(acc.device.type, p.bf16):
                 logits = model(**task.model_inputs(batch)).logits
@@ -130,7 +140,7 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
             acc.backward(loss)
         loss_sum += s.item()
         tokens += task.count_tokens(batch)
-    if p.config.train.max_grad_norm:
+    if p.config.train.max_grad_norm:  # under DeepSpeed the engine clipped inside acc.backward
         acc.clip_grad_norm_(model.parameters(), p.config.train.max_grad_norm)
     optimizer.step()
     if spec.on_step is not None:  # AdaLoRA's rank allocation reads the gradients: before zeroing
@@ -173,10 +183,9 @@ def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
             value < state.best_metric if lower else value > state.best_metric)
         if better:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            weights = engines.full_state(p.accelerator, model, p.saved)  # every process joins
             if p.accelerator.is_main_process:
-                runs.save_state_dict(runs.trained_state(p.accelerator.unwrap_model(model),
-                                                        spec.saves == "model"),
-                                     p.run_dir / "best", extra={"step": state.step})
+                runs.save_state_dict(weights, p.run_dir / "best", extra={"step": state.step})
         else:
             state.bad_evals += 1
         p.log({"step": state.step, "split": "validation", **metrics, "best": better})
@@ -193,11 +202,28 @@ def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
 
 
 def checkpoint(p: Prepared, spec, model, optimizer, scheduler, state: LoopState) -> None:
+    if engines.shards_state(p.accelerator):
+        engines.save_checkpoint(p.accelerator, p.run_dir, state.step, state.__dict__)
+        return
     p.accelerator.wait_for_everyone()
     if p.accelerator.is_main_process:
         runs.save_checkpoint(p.run_dir, state.step, p.accelerator.unwrap_model(model), optimizer,
                              scheduler, state.__dict__, whole=spec.saves == "model")
     p.accelerator.wait_for_everyone()
+
+
+def load_checkpoint(acc, ckpt: Path, model, optimizer, scheduler) -> dict:
+    """The trainer state of `ckpt`, with weights, optimizer, scheduler and RNG restored. A
+    checkpoint only resumes under the kind of engine that wrote it: sharded optimizer state
+    cannot be read by a plain run, nor the other way round."""
+    sharded = engines.is_sharded_checkpoint(ckpt)
+    if sharded != engines.shards_state(acc):
+        wrote = "FSDP/DeepSpeed" if sharded else "one process or DDP"
+        raise TunelabError(f"cannot resume {ckpt}: it was written under {wrote}; launch the "
+                           f"resumed run the same way (same accelerate config)")
+    if sharded:
+        return engines.load_checkpoint(acc, ckpt)
+    return runs.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
 
 
 def finish(p: Prepared, spec, model, state: LoopState) -> None:
@@ -206,7 +232,16 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
     unwrapped = acc.unwrap_model(model)
     best = p.run_dir / "best"
     if state.best_step is not None and state.best_step != state.step:
-        runs.load_state_dict_into(unwrapped, best)
+        if engines.shards_weights(acc):
+            from safetensors.torch import load_file
+
+            from tunelab.io import existing_dir
+
+            found = existing_dir(best)
+            weights = load_file(str(found / runs.WEIGHTS)) if acc.is_main_process else {}
+            engines.load_full_state(acc, model, weights)
+        else:
+            runs.load_state_dict_into(unwrapped, best)
         p.say(f"restored the best weights (step {state.best_step})")
     results = {}
     for split in ("validation", "test"):
@@ -218,7 +253,7 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
             if acc.is_main_process:
                 p.say(f"\n{split}:\n" + tracker.report())
                 tracker.save_artifacts(p.run_dir, split, f"{split} ({p.config.method.name})")
-    trainable, total = registry.count_parameters(unwrapped)
+    trainable, total = p.parameters  # counted before wrapping: shards report partial sizes
     seconds = max(state.train_seconds, 1e-9)
     results["train"] = {
         "steps": state.step, "best_step": state.best_step, "stopped_early": state.stopped_early,
@@ -230,9 +265,10 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
         "trainable_percent": 100.0 * trainable / total, "precision": "bf16" if p.bf16 else "fp32",
         "processes": acc.num_processes,
     }
+    weights = engines.full_state(acc, model, p.saved) if engines.shards_weights(acc) else None
     acc.wait_for_everyone()
     if acc.is_main_process:
-        runs.save_final(p.run_dir, unwrapped, p.tokenizer, spec, p.config.method)
+        runs.save_final(p.run_dir, unwrapped, p.tokenizer, spec, p.config.method, weights)
         from tunelab.io import atomic_write_json
 
         atomic_write_json(p.run_dir / "results.json", results)

@@ -16,6 +16,7 @@ from tunelab.io import atomic_write_json
 from tunelab.methods import registry
 from tunelab.tasks import get_task
 from tunelab.tasks.base import Task
+from tunelab.train import engines
 
 
 @dataclass
@@ -34,6 +35,11 @@ class Prepared:
     steps_per_epoch: int
     total_steps: int
     quiet: bool = False
+    parameters: tuple[int, int] = (0, 0)
+    """(trainable, total) parameter counts, taken before an engine shards the model."""
+    saved: set[str] | None = None
+    """Names of the parameters a checkpoint keeps (None: the whole state dict), read before an
+    engine wraps the model and renames or flattens them."""
 
     @property
     def train(self):
@@ -93,7 +99,7 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     if accelerator.is_main_process:
         write_run_files(p, data, threads, precision, resume is not None)
     start_tracker(p)
-    trainable, all_params = registry.count_parameters(model)
+    trainable, all_params = p.parameters = registry.count_parameters(model)
     origin = (f"new {config.model.size} model" if config.model.size
               else f"model {config.model.name}")
     p.say(f"task {task.name}, {origin} ({built.family}), method {config.method.name}: "
@@ -129,7 +135,9 @@ def make_accelerator(config: RunConfig):
     # the real folder is set once all processes agree on the run directory (start_tracker)
     # cpu=True on a machine without CUDA: only then does Accelerate set up gloo DDP when
     # launched with several processes (torchrun, accelerate launch --multi_gpu)
-    return Accelerator(log_with=tracker, project_dir=".", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(log_with=tracker, project_dir=".", cpu=not torch.cuda.is_available())
+    engines.check_requested(accelerator)
+    return accelerator
 
 
 def check_tracker_installed(tracker: str | None) -> None:
@@ -180,6 +188,7 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, resumed: bo
     atomic_write_json(p.run_dir / "env.json", runs.environment(p.config, {
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
+        "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))
 
 
