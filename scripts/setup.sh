@@ -21,4 +21,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VPY" -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+
+# The dashboard's browser test (tests/integration/test_ui_browser.py) drives Debian's chromium
+# through Playwright; Playwright's own browser download (`playwright install`) is never used.
+if [ ! -x /usr/bin/chromium ]; then
+  as_root=""
+  [ "$(id -u)" -eq 0 ] || as_root="sudo"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$as_root" ] || command -v sudo >/dev/null 2>&1; }; then
+    echo "installing chromium with apt-get (for the dashboard's browser test) ..."
+    $as_root apt-get update -qq
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing and cannot be installed here (no apt-get, or not" \
+         "root and no sudo): install Chromium, or tests/integration/test_ui_browser.py fails" >&2
+  fi
+fi
 echo "tunelab is installed in .venv ($("$VPY" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"
