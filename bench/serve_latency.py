@@ -1,12 +1,16 @@
-"""Serving latency, throughput and memory: `tunelab serve` against a plain
+"""Serving latency, throughput, agreement and memory: `tunelab serve` against a plain
 `transformers.pipeline("text-classification")`, with MiniLM.
 
-Measured, with a LoRA run (a given RUN_DIR, or a 20-step LoRA run on the packaged demo data):
+Measured, with a LoRA run (a given RUN_DIR, or one trained here: configs/minilm/sst2_lora.yaml
+for one epoch, about two minutes):
   pipeline   the run exported as a merged Transformers folder, called in-process (no HTTP):
              one sentence per call, then the sentences in lists with batch_size=BATCH
-  serve      `tunelab serve` in its own process, in fp32 and in bf16, over HTTP from this
-             process: one sentence per request, sequentially (p50/p99 latency), then
-             CLIENTS concurrent clients sending BATCH sentences per request (sentences/s)
+  serve      `tunelab serve` in its own process over HTTP from this process: the run in fp32
+             and in bf16 (torch), and its onnx and int8 exports (ONNX Runtime, exported here);
+             one sentence per request, sequentially (p50/p99 latency), then CLIENTS concurrent
+             clients sending BATCH sentences per request (sentences/s)
+  agreement  every configuration labels the AGREE first demo test sentences; the share whose
+             label equals the run's own fp32 prediction (`tunelab.load`, in this process)
   memory     RSS of the server with 1 adapter and with ADAPTERS copies of it under different
              names (they share the base), and of one process holding ADAPTERS
              `tunelab.load` predictors (no sharing)
@@ -15,7 +19,8 @@ The client runs on the same machine as the server: on a small box it takes CPU f
 absolute figures are conservative; the comparisons are like for like.
 
     .venv/bin/python bench/serve_latency.py                          # full size
-    .venv/bin/python bench/serve_latency.py --single 20 --batched 2 --markdown ''   # a smoke run
+    .venv/bin/python bench/serve_latency.py RUN_DIR --single 20 --batched 2 --agree 64 \
+        --adapters 2 --out /tmp/serve_latency.json --markdown ''     # a smoke run
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, NAME)
     parser.add_argument("run_dir", nargs="?", type=Path,
-                        help="a finished LoRA run (default: train a 20-step one on the demo data)")
+                        help="a finished LoRA run (default: train configs/minilm/sst2_lora.yaml "
+                             "for one epoch)")
     parser.add_argument("--single", type=int, default=300,
                         help="single-sentence requests per configuration (default 300)")
     parser.add_argument("--batched", type=int, default=20,
@@ -53,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=int, default=10,
                         help="adapters served at once for the memory figure (default 10)")
     parser.add_argument("--precisions", default="fp32,bf16", help="server precisions to measure")
+    parser.add_argument("--exports", default="onnx,int8",
+                        help="export kinds to serve and measure ('' = none)")
+    parser.add_argument("--agree", type=int, default=0,
+                        help="sentences labelled for the agreement column (default 0: all)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="the server's --max-wait-ms (default 5, as `tunelab serve`)")
     parser.add_argument("--threads", type=int, default=0,
@@ -68,12 +78,21 @@ def sentences() -> list[str]:
         return [row["text"] for row in csv.DictReader(f)]
 
 
-def quick_lora_run(workdir: Path) -> Path:
+def quick_lora_run(workdir: Path, data_dir: Path) -> Path:
+    """A trained run (SST-2, ~85% test accuracy): agreement on a barely trained one, whose
+    probabilities all sit near 0.5, would say nothing."""
     run = workdir / "minilm-lora"
-    subprocess.run([sys.executable, "-m", "tunelab", "train", "model.name=minilm",
-                    "method.name=lora", "train.max_steps=20", "train.tracker=none",
-                    f"run_dir={run}"], check=True, env=ENV, cwd=common.REPO_ROOT)
+    recipe = common.REPO_ROOT / "configs" / "minilm" / "sst2_lora.yaml"
+    sst2 = data_dir / "sst2"
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(recipe), "train.epochs=1",
+                    f"data.train={sst2 / 'train.txt'}", f"data.validation={sst2 / 'dev.txt'}",
+                    f"data.test={sst2 / 'test.txt'}", "train.tracker=none", f"run_dir={run}"],
+                   check=True, env=ENV, cwd=common.REPO_ROOT)
     return run
+
+
+def agreement(labels: list[str], reference: list[str]) -> float:
+    return sum(a == b for a, b in zip(labels, reference, strict=True)) / len(reference)
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -97,7 +116,8 @@ def concurrently(clients: int, work) -> float:
 # baseline: transformers.pipeline in this process
 
 
-def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path) -> dict:
+def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path,
+                   reference: list[str]) -> dict:
     import torch
     from transformers import pipeline
 
@@ -118,7 +138,9 @@ def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path) -> dict
     t = time.perf_counter()
     pipe(batch, batch_size=args.batch)
     wall = time.perf_counter() - t
-    return {"single": percentiles(latencies), "throughput": n / wall, "sentences": n}
+    labels = [p["label"] for p in pipe(texts[:len(reference)], batch_size=args.batch)]
+    return {"single": percentiles(latencies), "throughput": n / wall, "sentences": n,
+            "agreement": agreement(labels, reference)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +174,10 @@ class Server:
         self.stop()
         raise SystemExit("tunelab serve did not come up within 5 minutes")
 
-    def classify(self, model: str, texts: list[str]) -> None:
+    def classify(self, model: str, texts: list[str]) -> list[dict]:
         r = self.client.post("/v1/classify", json={"model": model, "texts": texts})
         r.raise_for_status()
+        return r.json()["predictions"]
 
     def rss_mb(self) -> float:
         import psutil
@@ -168,8 +191,10 @@ class Server:
         self.log.close()
 
 
-def bench_server(run_dir: Path, precision: str, texts: list[str], args) -> dict:
-    server = Server([f"run={run_dir}"], precision, args.max_wait_ms, args.threads)
+def bench_server(folder: Path, precision: str, texts: list[str], args,
+                 reference: list[str]) -> dict:
+    """`folder`: the run (served in `precision`) or an onnx/int8 export of it."""
+    server = Server([f"run={folder}"], precision, args.max_wait_ms, args.threads)
     try:
         for i in range(10):
             server.classify("run", texts[i:i + args.batch])  # warm up
@@ -186,8 +211,13 @@ def bench_server(run_dir: Path, precision: str, texts: list[str], args) -> dict:
 
         wall = concurrently(args.clients, client)
         n = args.clients * args.batched * args.batch
+        rss = server.rss_mb()
+        labels = [p["label"] for start in range(0, len(reference), args.batch)
+                  for p in server.classify("run", texts[start:min(start + args.batch,
+                                                                  len(reference))])]
         return {"single": percentiles(latencies), "throughput": n / wall, "sentences": n,
-                "rss_mb": server.rss_mb()}
+                "rss_mb": rss, "agreement": agreement(labels, reference),
+                "served": server.client.get("/v1/models").json()["models"][0]}
     finally:
         server.stop()
 
@@ -212,6 +242,13 @@ def bench_memory(run_dir: Path, texts: list[str], args) -> dict:
     keys = ["load_loaded_1", "load_served_1", f"load_loaded_{n}", f"load_served_{n}"]
     out.update(zip(keys, values))
     return out
+
+
+def fp32_labels(run_dir: Path, texts: list[str]) -> list[str]:
+    """What the run itself says, in fp32: the reference of the agreement column."""
+    import tunelab
+
+    return [p["label"] for p in tunelab.load(run_dir, precision="fp32").predict(texts)]
 
 
 def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
@@ -239,16 +276,22 @@ def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
+                 "bf16": "tunelab serve, run in bf16 (torch autocast)",
+                 "onnx": "tunelab serve, onnx export (ONNX Runtime, fp32)",
+                 "int8": "tunelab serve, int8 export (ONNX Runtime, int8 weights)"}
+
+
 def markdown(result: dict) -> str:
     rows = []
     base = result["pipeline"]
     rows.append(["transformers.pipeline (in-process, no HTTP)",
                  common.fmt(base["single"]["p50_ms"]), common.fmt(base["single"]["p99_ms"]),
-                 common.fmt(base["throughput"], 0), "1.00x"])
-    for precision, r in result["serve"].items():
-        rows.append([f"tunelab serve, {precision}", common.fmt(r["single"]["p50_ms"]),
+                 common.fmt(base["throughput"], 0), "1.00x", f"{base['agreement']:.2%}"])
+    for key, r in result["serve"].items():
+        rows.append([SERVED_TITLES[key], common.fmt(r["single"]["p50_ms"]),
                      common.fmt(r["single"]["p99_ms"]), common.fmt(r["throughput"], 0),
-                     f"{r['throughput'] / base['throughput']:.2f}x"])
+                     f"{r['throughput'] / base['throughput']:.2f}x", f"{r['agreement']:.2%}"])
     a = result["args"]
     mem = result["memory"]
     n = a["adapters"]
@@ -257,13 +300,18 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` — {result['date']}; {common.machine_line(result['machine'])}.",
         common.markdown_table(
             ["", "1 sentence p50 (ms)", "p99 (ms)",
-             f"sentences/s ({a['clients']} clients x {a['batch']}/request)", "vs pipeline"],
+             f"sentences/s ({a['clients']} clients x {a['batch']}/request)", "vs pipeline",
+             "agreement with the fp32 run"],
             rows),
-        f"Single-sentence requests are sequential ({a['single']} each); the server waits up to "
-        f"--max-wait-ms {a['max_wait_ms']:g} for more requests to batch with, which a lone "
-        "client pays. The pipeline gets its sentences as one list (batch_size "
-        f"{a['batch']}); the server gets them as {a['clients']} concurrent HTTP clients. The "
-        "client shares the machine with the server.",
+        f"Single-sentence requests are sequential ({a['single']} each); a request that finds "
+        "the server idle runs at once (greedy batching), and only requests that queue while a "
+        f"batch runs wait, up to --max-wait-ms {a['max_wait_ms']:g}, for more to batch with. "
+        f"The pipeline gets its sentences as one list (batch_size {a['batch']}); the server "
+        f"gets them as {a['clients']} concurrent HTTP clients. The client shares the machine "
+        f"with the server. Agreement: the share of {result['agreement_n']:,} demo test "
+        "sentences (SST-2) given the label the run itself gives them in fp32 "
+        "(`tunelab.load(run, precision=\"fp32\")`); the exports are made by `tunelab export` "
+        "in the benchmark.",
         common.markdown_table(
             ["memory (RSS, MB)", "1 adapter", f"{n} adapters", "per extra adapter"],
             [memory_row(mem, "serve", "loaded", n, "tunelab serve (one shared base), loaded"),
@@ -284,6 +332,8 @@ def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]
 
 
 def main(argv=None) -> None:
+    from tunelab.export import export
+
     args = parse_args(argv)
     texts = sentences()
     if args.child_load:
@@ -291,19 +341,26 @@ def main(argv=None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        run_dir = args.run_dir or quick_lora_run(workdir)
+        run_dir = args.run_dir or quick_lora_run(workdir, args.data_dir)
         print(f"run: {run_dir}", file=sys.stderr)
+        reference = fp32_labels(run_dir, texts[:args.agree or len(texts)])
         result = {"command": common.command_line(), "date": common.now(),
                   "machine": common.machine_info(), "run_dir": str(run_dir),
+                  "agreement_n": len(reference),
                   "args": {k: v for k, v in vars(args).items()
                            if k in ("single", "batched", "batch", "clients", "adapters",
                                     "max_wait_ms", "threads")}}
-        result["pipeline"] = bench_pipeline(run_dir, texts, args, workdir)
+        result["pipeline"] = bench_pipeline(run_dir, texts, args, workdir, reference)
         print(f"pipeline: {result['pipeline']}", file=sys.stderr)
         result["serve"] = {}
         for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-            result["serve"][precision] = bench_server(run_dir, precision, texts, args)
+            result["serve"][precision] = bench_server(run_dir, precision, texts, args,
+                                                      reference)
             print(f"serve {precision}: {result['serve'][precision]}", file=sys.stderr)
+        for kind in [k.strip() for k in args.exports.split(",") if k.strip()]:
+            folder = export(run_dir, kind, workdir / kind)
+            result["serve"][kind] = bench_server(folder, "auto", texts, args, reference)
+            print(f"serve {kind} export: {result['serve'][kind]}", file=sys.stderr)
         result["memory"] = bench_memory(run_dir, texts, args)
         print(f"memory: {result['memory']}", file=sys.stderr)
     common.write_json(args.out, result)

@@ -62,13 +62,7 @@ class Predictor:
             raise TypeError("predict takes a list of texts; wrap a single text in a list")
         if not texts:
             return []
-        probs = self.logits(texts, pairs).softmax(-1)
-        out = []
-        for row in probs:
-            best = int(row.argmax())
-            out.append({"label": self.labels[best], "score": float(row[best]),
-                        "scores": {name: float(v) for name, v in zip(self.labels, row)}})
-        return out
+        return as_predictions(self.logits(texts, pairs), self.labels)
 
     def evaluate(self, examples):
         """(metrics dict, the task's Metrics object: .report(), .save_artifacts())."""
@@ -86,23 +80,7 @@ class Predictor:
 
     def predict_file(self, path: str, format: str = "auto", chunk: int = 2048) -> list[dict]:
         """Every input row with `predicted_label` and `score` added (`tunelab predict`)."""
-        from tqdm.auto import tqdm
-
-        from tunelab.data.classification import read_prediction_inputs
-
-        rows, examples = read_prediction_inputs(path, self.config.data, format)
-        out_rows = []
-        with tqdm(total=len(examples), unit="text", desc="predict", mininterval=1.0) as bar:
-            for start in range(0, len(examples), chunk):
-                part = examples[start:start + chunk]
-                pairs = ([e.text_pair or "" for e in part] if any(e.text_pair for e in part)
-                         else None)
-                preds = self.predict([e.text for e in part], pairs)
-                for row, pred in zip(rows[start:start + chunk], preds):
-                    out_rows.append({**row.values, "predicted_label": pred["label"],
-                                     "score": round(pred["score"], 6)})
-                bar.update(len(part))
-        return out_rows
+        return predict_rows(self, path, self.config.data, format, chunk)
 
     def _task(self):
         if self.task is None:
@@ -110,6 +88,39 @@ class Predictor:
 
             self.task = get_task(resolve_config(overrides=["task=classification"]))
         return self.task
+
+
+def as_predictions(logits: torch.Tensor, labels: list[str]) -> list[dict]:
+    """(N, C) logits -> per text the best label, its probability and every label's."""
+    out = []
+    for row in logits.softmax(-1).tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": labels[best], "score": row[best], "scores": dict(zip(labels, row))})
+    return out
+
+
+def predict_rows(predictor, path: str, data, format: str = "auto",
+                 chunk: int = 2048) -> list[dict]:
+    """Every row of `path` with `predicted_label` and `score` added; `predictor` is anything
+    with `predict(texts, pairs)` (a run's Predictor, an export's OnnxPredictor), `data` the
+    DataConfig naming the text columns."""
+    from tqdm.auto import tqdm
+
+    from tunelab.data.classification import read_prediction_inputs
+
+    rows, examples = read_prediction_inputs(path, data, format)
+    out_rows = []
+    with tqdm(total=len(examples), unit="text", desc="predict", mininterval=1.0) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            pairs = ([e.text_pair or "" for e in part] if any(e.text_pair for e in part)
+                     else None)
+            preds = predictor.predict([e.text for e in part], pairs)
+            for row, pred in zip(rows[start:start + chunk], preds):
+                out_rows.append({**row.values, "predicted_label": pred["label"],
+                                 "score": round(pred["score"], 6)})
+            bar.update(len(part))
+    return out_rows
 
 
 def load_run_model(run_dir: Path, config, labels: list[str], env: dict):

@@ -10,7 +10,9 @@ def running(app):
     """uvicorn in a thread on a socket bound here (no free-port race); stopped on exit."""
     import uvicorn
 
-    sock = socket.socket()
+    # proto IPPROTO_TCP, not socket()'s 0: asyncio sets TCP_NODELAY only on sockets that say
+    # they are TCP; without it Nagle + delayed ACKs add ~40 ms to every small response
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

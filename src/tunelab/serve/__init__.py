@@ -5,6 +5,7 @@
     generation.py  /v1/generate and the OpenAI-compatible /v1/chat/completions (streamed or
                    not), run one at a time beside the batcher
     api.py         what the route modules share: errors, limits, finding the requested model
-    pool.py        the served runs by name; classification adapter runs on one base share it
-    batcher.py     dynamic micro-batching in a worker thread
+    pool.py        the served runs (and onnx/int8 exports) by name; classification adapter
+                   runs on one base share it
+    batcher.py     greedy micro-batching in a worker thread (a lone request never waits)
 """

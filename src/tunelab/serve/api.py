@@ -45,7 +45,9 @@ def resolve(pool: ModelPool, name: str | None, endpoint: str, request: Request) 
     request.state.model = name
     if endpoint not in served.endpoints:
         kind = f"a {served.task} run"
-        if served.task == "causal_lm":
+        if served.export is not None:
+            kind = f"an {served.export} export (ONNX Runtime: no gradients to explain with)"
+        elif served.task == "causal_lm":
             kind += " whose tokenizer has no chat template"
         raise ApiError(400, "wrong_task", f"model {name!r} is {kind}; {endpoint} cannot serve "
                        f"it: use {' or '.join(served.endpoints)}")

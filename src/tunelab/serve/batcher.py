@@ -1,10 +1,17 @@
 """Dynamic micro-batching: requests from many clients become few forward passes.
 
 Handlers put a `Job` on a bounded queue and await its future; the event loop never runs
-torch. One worker thread takes jobs until it holds `max_batch` texts or `max_wait_ms` has
-passed since the first, groups them by (model, task, with/without text pairs), runs each
-group through that model's runner (the Predictor engine) and resolves every job's future with
-its own slice of the results. A job is never split: one larger than `max_batch` runs alone.
+torch. One worker thread takes jobs greedily, groups them by (model, task, with/without text
+pairs), runs each group through that model's runner (the Predictor engine) and resolves every
+job's future with its own slice of the results. A job is never split: one larger than
+`max_batch` runs alone.
+
+Greedy means a request never waits for company it may not get:
+  - the worker idle, a job arrives: it runs at once, with whatever else is already queued;
+  - jobs that queue while a batch runs form the next batch, which waits for more only until
+    `max_wait_ms` after the oldest of them arrived (usually already past: they waited for the
+    running batch) or until it holds `max_batch` texts.
+So a lone client pays no waiting at all, and under load batches fill from the queue.
 
 A full queue is refused at once (`QueueFull` -> HTTP 503), so overload never turns into a
 hang. `pause()` holds the worker back from taking jobs (tests use it to fill the queue
@@ -58,6 +65,7 @@ class Batcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._carry: Job | None = None  # taken from the queue but left for the next batch
+        self._idle_since = 0.0  # when the last batch was computed; jobs queued before: busy
         self._gate = threading.Lock()  # held by the worker while it takes jobs, and by pause()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,7 +135,8 @@ class Batcher:
             self._gate.release()
 
     def _take(self) -> list[Job]:
-        """Up to max_batch texts, waiting at most max_wait for more after the first job."""
+        """Up to max_batch texts: a job that found the worker idle goes with what is already
+        queued; jobs queued while it was busy wait for more until max_wait after the oldest."""
         jobs, self._carry = ([self._carry] if self._carry else []), None
         if not jobs:
             try:  # short timeout: pause() and stop() wait at most this long
@@ -135,7 +144,10 @@ class Batcher:
             except queue.Empty:
                 return []
         size = len(jobs[0].texts)
-        deadline = time.monotonic() + self.max_wait
+        # Whether the first job found the worker idle is told by the clock, not by how it was
+        # taken: a job put just as a get() timed out would otherwise pass for a waiting one
+        queued_while_busy = jobs[0].queued_at < self._idle_since
+        deadline = jobs[0].queued_at + (self.max_wait if queued_while_busy else 0.0)
         while size < self.max_batch:
             left = deadline - time.monotonic()
             try:  # past the deadline, still take what is already waiting
@@ -160,9 +172,13 @@ class Batcher:
                 results = self.runners[task](self.models[model], texts, pairs)
             except Exception as e:  # the clients get a 500 naming the error; the worker lives
                 log.exception("inference failed for model %s", model)
+                self._idle_since = time.monotonic()
                 for job in members:
                     _resolve(job, error=e)
                 continue
+            # stamped before answering: a client's next request, sent the moment it has its
+            # answer, must not pass for one that queued while this batch ran
+            self._idle_since = time.monotonic()
             if self.on_batch is not None:
                 self.on_batch(model, len(texts))
             start = 0

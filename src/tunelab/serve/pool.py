@@ -17,6 +17,10 @@ run never writes into the shared tensors. Runs with identical tokenizer files sh
 tokenizer too. Classification runs that saved a whole model (`full`) are loaded as they are.
 Every classification run is served through a `Predictor`, the engine behind `tunelab predict`.
 
+An onnx or int8 export folder (`tunelab export --to onnx|int8`) is served through ONNX
+Runtime (`tunelab.exported.OnnxPredictor`, the engine behind `tunelab predict EXPORT_DIR`):
+classification only, /v1/classify only (explaining needs the torch model's gradients).
+
 Runs of the other tasks (token_classification, instruction, causal_lm) load with
 `tunelab.load`, each as a model of its own (no base sharing: `shares_base` is None), so they
 answer exactly as `tunelab predict` / `tunelab generate` do. `TASK_ENDPOINTS` says which HTTP
@@ -33,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab import models, runs
+from tunelab import exported, models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.predict import Predictor
@@ -95,20 +99,32 @@ class Served:
     """config.model.name of the run."""
     shared_base: str | None
     """The resolved base whose tensors this run shares, or None (a model of its own)."""
-    trainable_params: int
+    trainable_params: int | None
+    """None for an export (its parameters are no longer told apart)."""
     private_bytes: int
-    """Memory held by this run alone (tensors that are not the shared base's)."""
+    """Memory held by this run alone (tensors that are not the shared base's; for an export
+    the size of its ONNX file)."""
     chat: object | None = None
     """The Generator that renders message lists with a chat template: the predictor itself
     for instruction runs; for a causal_lm run, one over the same model and tokenizer when the
     tokenizer brings a template of its own; None otherwise."""
+    export: str | None = None
+    """"onnx" or "int8" when run_dir is an export folder served by ONNX Runtime."""
 
     @property
     def endpoints(self) -> tuple[str, ...]:
+        if self.export is not None:
+            return ("/v1/classify",)
         found = TASK_ENDPOINTS[self.task]
         if self.chat is None:
             found = tuple(e for e in found if e != "/v1/chat/completions")
         return found
+
+    @property
+    def created(self) -> int:
+        """When the run (or export) was written: its config.yaml's (export.json's) mtime."""
+        return int((self.run_dir / ("export.json" if self.export else "config.yaml"))
+                   .stat().st_mtime)
 
     def describe(self) -> dict:
         p = self.predictor
@@ -117,15 +133,20 @@ class Served:
                 "method": self.method, "labels": list(getattr(p, "labels", [])),
                 "trainable_params": self.trainable_params, "shares_base": self.shared_base,
                 "private_mb": round(self.private_bytes / 2**20, 3),
-                "precision": "bf16" if p.bf16 else "fp32"}
+                "backend": "onnxruntime" if self.export else "torch", "export": self.export,
+                "precision": p.precision if self.export else "bf16" if p.bf16 else "fp32"}
 
 
 class ModelPool:
     """Runs by name. `add` is thread-safe; lookups are plain dict reads."""
 
-    def __init__(self, precision: str = "auto", batch_size: int = 64):
+    def __init__(self, precision: str = "auto", batch_size: int = 64, threads: int = 0):
         self.precision = precision
+        """auto, bf16 or fp32 for runs; an export runs as it was exported."""
         self.batch_size = batch_size
+        self.threads = threads
+        """ONNX Runtime threads per export session (0: its default, every core); torch's are
+        set by the batcher's worker."""
         self.models: dict[str, Served] = {}
         self.bases: dict[str, SharedBase] = {}
         self.tokenizers: dict[str, object] = {}
@@ -145,6 +166,8 @@ class ModelPool:
         return served
 
     def _load(self, name: str, run_dir: Path) -> Served:
+        if exported.is_export(run_dir):
+            return self._load_export(name, run_dir)
         config, env, labels = runs.read_run(run_dir)
         task = config.task.name
         if task not in TASK_ENDPOINTS:
@@ -163,6 +186,16 @@ class ModelPool:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return Served(name, run_dir, predictor, task, spec.name, config.model.name, base.path,
                       trainable, owned_bytes(model, base.storages()))
+
+    def _load_export(self, name: str, folder: Path) -> Served:
+        meta = exported.read_meta(folder)
+        if meta["kind"] not in exported.RUNTIME_KINDS:
+            raise TunelabError(f"{folder} is a {meta['kind']} export; tunelab serve serves runs "
+                               f"and onnx/int8 exports: serve its run ({meta['run']}) instead")
+        predictor = exported.OnnxPredictor(folder, self.threads or None, self.batch_size)
+        return Served(name, folder, predictor, "classification", meta["method"],
+                      meta.get("base_model"), None, None,
+                      (folder / "model.onnx").stat().st_size, export=meta["kind"])
 
     def _load_whole(self, name: str, run_dir: Path, config, method: str) -> Served:
         """A run as `tunelab.load` gives it, holding every tensor of its own."""

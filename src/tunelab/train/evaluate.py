@@ -7,7 +7,8 @@ import functools
 
 import torch
 
-from tunelab.train.batching import eval_batches
+from tunelab.train import engines
+from tunelab.train.batching import eval_batches, lockstep_batches
 
 
 def autocast(device_type: str, bf16: bool):
@@ -36,20 +37,34 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
 
 def iter_logits(task, model, data, batch_size: int, pad_id: int, device, bf16: bool,
-                rank: int = 0, world: int = 1):
+                rank: int = 0, world: int = 1, lockstep: bool = False):
     """Yield (indices, logits, batch) batch by batch, longest inputs first; logits in fp32 on
-    the CPU, batch as collated (CPU tensors, labels included)."""
-    batches = eval_batches(data.lengths, batch_size)[rank::world]  # uneven shares are fine
+    the CPU, batch as collated (CPU tensors, labels included). `lockstep`: the model's weights
+    are sharded (FSDP, ZeRO-3), so each forward pass is a collective and every process must run
+    as many as the others; padding passes are run and dropped."""
+    batches = eval_batches(data.lengths, batch_size)
+    if lockstep and batches:
+        batches, real = lockstep_batches(batches, rank, world)
+    else:
+        batches = batches[rank::world]  # uneven shares are fine: no collective per batch
+        real = len(batches)
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: ~1 ms each on a LoRA MiniLM, which
+        model.eval()  # a served single sentence would pay twice per request
     try:
-        with torch.inference_mode(), autocast(device.type, bf16):
-            for idx in batches:
+        # no_grad, not inference_mode, for sharded weights: FSDP re-shards them after the
+        # forward pass, which inference tensors forbid
+        grad_off = torch.no_grad() if lockstep else torch.inference_mode()
+        with grad_off, autocast(device.type, bf16):
+            for i, idx in enumerate(batches):
                 batch = task.collate(data, idx, pad_id)
                 inputs = {k: v.to(device) for k, v in task.model_inputs(batch).items()}
-                yield idx, model(**inputs).logits.float().cpu(), batch
+                logits = model(**inputs).logits
+                if i < real:
+                    yield idx, logits.float().cpu(), batch
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def evaluate(task, model, data, labels: list[str], batch_size: int, pad_id: int, device,
@@ -57,13 +72,14 @@ def evaluate(task, model, data, labels: list[str], batch_size: int, pad_id: int,
     """Streaming metrics over a split -> (metrics dict, the task's Metrics object). With several
     processes each takes a shard of the batches and the metric states are summed."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    if accelerator is not None:
+    lockstep = accelerator is not None and engines.shards_weights(accelerator)
+    if accelerator is not None and not lockstep:
         # the bare module: DDP's forward syncs buffers, a collective that would hang when the
         # processes run different numbers of evaluation batches
         model = accelerator.unwrap_model(model)
     metrics = task.new_metrics(labels)
     for _, logits, batch in iter_logits(task, model, data, batch_size, pad_id, device, bf16,
-                                        rank, world):
+                                        rank, world, lockstep):
         metrics.update(logits, batch)
     if world > 1:
         state = accelerator.reduce(metrics.state().to(accelerator.device), reduction="sum")
