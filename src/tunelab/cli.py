@@ -4,19 +4,22 @@
     tunelab pretrain [RECIPE.yaml] [key.sub=value ...] [--resume RUN_DIR]   masked/causal LM
     tunelab check [RECIPE.yaml] [key.sub=value ...]     preflight only: data counts, problems
     tunelab eval RUN_DIR --data FILE
-    tunelab predict RUN_DIR --input FILE --output FILE
+    tunelab predict RUN_DIR|EXPORT_DIR --input FILE --output FILE
     tunelab generate RUN_DIR|MODEL --prompt TEXT [--prompt ...] [--system TEXT]
     tunelab chat RUN_DIR|MODEL                            a conversation on the terminal
     tunelab compare [RECIPE.yaml] [key=value ...] --methods full,lora,...
     tunelab search RECIPE.yaml [key=value ...] --space SPACE.yaml --trials N   (Optuna)
     tunelab runs list [DIR] | show RUN | diff RUN_A RUN_B | compare RUN ... --out PNG
     tunelab export RUN_DIR --to merged|adapter|onnx|int8
-    tunelab verify RUN_DIR EXPORT_DIR [EXPORT_DIR ...]
-    tunelab serve RUN_DIR|NAME=RUN_DIR ... [--port 8000] [--api-key KEY]   HTTP API
+    tunelab verify RUN_DIR [EXPORT_DIR ...] [--url http://HOST:PORT [--model NAME]]
+    tunelab serve RUN_DIR|EXPORT_DIR|NAME=DIR ... [--port 8000] [--api-key KEY]   HTTP API
+    tunelab ui [--runs DIR] [--recipes DIR] [--port 7860]   local dashboard: runs, curves, train
     tunelab monitor --run RUN --input FILE|- [--topic-column C] [--window 1h] [--follow]
     tunelab explain RUN_DIR --text TEXT [--text ...] [--method ig|gxi]   token attributions
     tunelab zeroshot --model MODEL|RUN_DIR --data FILE (--labels a,b | --label-file F)
     tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,finetune,zeroshot --k 8,16
+    tunelab self-train RECIPE.yaml [key=value ...] --unlabelled FILE --rounds N --out DIR
+    tunelab select RUN_DIR --data FILE --n N [--strategy hybrid] --out FILE   rows to label next
     tunelab methods                                      the method support matrix
     tunelab config                                       every config key with its doc
 """
@@ -106,7 +109,13 @@ def cmd_predict(args) -> None:
     import tunelab
     from tunelab.data.readers import write_rows
 
-    predictor = tunelab.load(args.run_dir, precision=args.precision, batch_size=args.batch_size)
+    from tunelab import exported
+
+    if exported.is_export(args.run_dir):  # onnx/int8: the engine `tunelab serve` runs it with
+        predictor = exported.load(args.run_dir, batch_size=args.batch_size)
+    else:
+        predictor = tunelab.load(args.run_dir, precision=args.precision,
+                                 batch_size=args.batch_size)
     out_rows = predictor.predict_file(args.input, args.format)
     write_rows(args.output, out_rows, args.out_format or "auto")
     print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
@@ -212,24 +221,28 @@ def cmd_export(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    import tunelab
+    from tunelab import runs
     from tunelab.data.classification import read_prediction_inputs
-    from tunelab.verify import format_checks, verify
+    from tunelab.verify import Server, format_checks, verify
 
+    if not args.exports and args.url is None:
+        raise TunelabError("nothing to verify: give EXPORT_DIR folders, --url of a running "
+                           "tunelab serve, or both")
     data = args.data
     if data is None:
         import importlib.resources
 
         data = str(importlib.resources.files("tunelab.demo") / "sst2_test.csv")
-    config = tunelab.load(args.run_dir).config
+    config = runs.read_run(Path(args.run_dir))[0]
     _, examples = read_prediction_inputs(data, config.data if args.data else
                                          type(config.data)(), "auto")
     examples = examples[:args.n]
     pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
-    checks = verify(args.run_dir, args.exports, [e.text for e in examples], pairs)
+    server = Server(args.url, args.model, args.api_key) if args.url else None
+    checks = verify(args.run_dir, args.exports, [e.text for e in examples], pairs, server)
     print(format_checks(checks, len(examples)))
     if not all(c.passed for c in checks):
-        raise TunelabError("some exports differ from the run beyond their tolerance")
+        raise TunelabError("some targets differ from the run beyond their tolerance")
 
 
 def cmd_serve(args) -> None:
@@ -240,6 +253,12 @@ def cmd_serve(args) -> None:
         max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, max_texts=args.max_texts,
         max_chars=args.max_chars, precision=args.precision, threads=args.threads,
         max_new_tokens=args.max_new_tokens, generation_queue=args.generation_queue))
+
+
+def cmd_ui(args) -> None:
+    from tunelab.ui.app import UiSettings, ui
+
+    ui(UiSettings(runs=args.runs, recipes=args.recipes, host=args.host, port=args.port))
 
 
 def load_classifier(run_dir: str, what: str):
@@ -360,6 +379,30 @@ def cmd_fewshot_eval(args) -> None:
           + (", runs/ (the fine-tuning runs)" if "finetune" in plan.methods else ""))
 
 
+def cmd_self_train(args) -> None:
+    from tunelab.selftrain import plan_self_train, self_train_recipe
+
+    recipe, overrides = split_recipe(args.recipe, args.overrides)
+    config, settings = plan_self_train(recipe, overrides, {
+        "unlabelled": args.unlabelled, "rounds": args.rounds, "threshold": args.threshold,
+        "per_class": args.per_class, "sample_unlabelled": args.sample_unlabelled,
+        "seed": args.seed})
+    self_train_recipe(config, settings, args.out, recipe)
+    print(Path(args.out, "rounds.md").read_text())
+    print(f"written to {args.out}/: rounds.json, rounds.md, round-<r>/ (one run per round; the "
+          f"last is the model to use), data/ (training files and pseudo-labelled rows)")
+
+
+def cmd_select(args) -> None:
+    from tunelab.active import describe, select_file
+    from tunelab.data.readers import write_rows
+
+    predictor = load_classifier(args.run_dir, "RUN_DIR")
+    selection = select_file(predictor, args.data, args.n, args.strategy, args.seed)
+    write_rows(args.out, selection.rows)
+    print(describe(selection, args.strategy, args.out))
+
+
 def cmd_methods(args) -> None:
     from tunelab.methods.registry import all_methods
 
@@ -419,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
 
     p = verbs.add_parser("predict", help="label every row of a file")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR|EXPORT_DIR",
+                   help="a run, or its onnx/int8 export (ONNX Runtime; --precision unused)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--format", default="auto", help="input format")
@@ -493,16 +537,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/export/KIND)")
     p.set_defaults(fn=cmd_export)
 
-    p = verbs.add_parser("verify", help="check exports give the run's outputs on probe inputs")
+    p = verbs.add_parser("verify", help="check exports and a live server give the run's "
+                         "outputs on probe inputs")
     p.add_argument("run_dir")
-    p.add_argument("exports", nargs="+")
+    p.add_argument("exports", nargs="*", metavar="EXPORT_DIR")
+    p.add_argument("--url", help="a running tunelab serve (http://HOST:PORT): check what its "
+                   "/v1/classify answers")
+    p.add_argument("--model", help="served name to check (default: RUN_DIR's folder name)")
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                   help="the server's key (default: $TUNELAB_API_KEY)")
     p.add_argument("--data", help="probe file (default: the packaged demo test texts)")
     p.add_argument("-n", type=int, default=256, help="number of probe inputs")
     p.set_defaults(fn=cmd_verify)
 
     p = verbs.add_parser("serve", help="serve runs over HTTP: classify, tag, generate, "
                          "OpenAI-style chat (adapters on one base share it)")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder, or NAME=RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folder, onnx/int8 export folder (served under its run's name), "
+                        "or NAME=FOLDER")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
@@ -510,20 +562,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $TUNELAB_API_KEY; unset = no key)")
     p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests")
+                   help="under load, how long queued requests wait for more to batch with "
+                        "(a request that finds the server idle never waits)")
     p.add_argument("--queue-size", type=int, default=256,
                    help="requests that may wait; beyond it: 503")
     p.add_argument("--max-texts", type=int, default=256, help="texts per request")
     p.add_argument("--max-chars", type=int, default=10000, help="characters per text")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for inference (default 0: every usable core)")
+                   help="torch and ONNX Runtime threads for inference (default 0: every "
+                        "usable core)")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="most new tokens one generation may ask for (default per request: 256)")
     p.add_argument("--generation-queue", type=int, default=8,
                    help="generation requests held at once, the running one included; "
                         "beyond it: 503")
     p.set_defaults(fn=cmd_serve)
+
+    p = verbs.add_parser("ui", help="local dashboard in the browser: runs table, curves, "
+                         "comparisons, start and follow trainings (docs/experiments.md)")
+    p.add_argument("--runs", default="runs", help="folder of runs to show, where new "
+                   "trainings go (default: runs)")
+    p.add_argument("--recipes", help="folder of recipes for the training form "
+                   "(default: configs/ when it exists)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(fn=cmd_ui)
 
     p = verbs.add_parser("monitor", help="classify timestamped texts, track the negative "
                          "share per topic and window, alert on spikes")
@@ -602,12 +666,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe: data.train is the pool, data.test the test")
     p.add_argument("overrides", nargs="*", help="key=value, including setfit.* and finetune.*")
     p.add_argument("--methods", default="setfit,finetune,zeroshot",
-                   help="comma-separated: setfit, finetune, zeroshot")
+                   help="comma-separated: setfit, finetune, zeroshot, prompt (PET/LM-BFF)")
     p.add_argument("--k", default="8,16,32", help="examples per class (comma-separated)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="sampling/training seeds")
     p.add_argument("--label-file", help="zeroshot: label descriptions (as for tunelab zeroshot)")
     p.add_argument("--out", help="output folder (default: runs/fewshot-<date>-<time>)")
     p.set_defaults(fn=cmd_fewshot_eval)
+
+    p = verbs.add_parser("self-train", help="train, pseudo-label unlabelled text, retrain: "
+                         "one run per round (docs/selftrain.md)")
+    p.add_argument("recipe", nargs="?", help="recipe with the labelled data (data.train)")
+    p.add_argument("overrides", nargs="*", help="key=value, including selftrain.*")
+    p.add_argument("--unlabelled", help="texts to pseudo-label (the recipe's text column; a "
+                   "label column there is only used to report pseudo-label accuracy)")
+    p.add_argument("--rounds", type=int, help="self-training rounds after the first run (3)")
+    p.add_argument("--threshold", type=float,
+                   help="least confidence for a pseudo-label (0.7)")
+    p.add_argument("--per-class", type=int, help="most rows added per class per round (32)")
+    p.add_argument("--sample-unlabelled", type=int,
+                   help="unlabelled rows scored per round, a seeded sample (5000)")
+    p.add_argument("--seed", type=int, help="seed of those samples (0)")
+    p.add_argument("--out", required=True, help="folder for the rounds' runs and rounds.json")
+    p.set_defaults(fn=cmd_self_train)
+
+    p = verbs.add_parser("select", help="active learning: the unlabelled rows most worth "
+                         "labelling next, with the model's guess")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="unlabelled rows (the run's text column)")
+    p.add_argument("--n", type=int, required=True, help="rows to select")
+    p.add_argument("--strategy", default="hybrid", choices=["uncertainty", "margin", "entropy",
+                                                            "diversity", "hybrid"],
+                   help="uncertainty (least confidence), margin, entropy, diversity (k-means "
+                        "on embeddings) or hybrid (diversity among the 10 x N least "
+                        "confident; default)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (diversity, hybrid)")
+    p.add_argument("--out", required=True, help="CSV or JSONL to write (by its suffix)")
+    p.set_defaults(fn=cmd_select)
 
     p = verbs.add_parser("methods", help="list adaptation methods and what they support")
     p.set_defaults(fn=cmd_methods)

@@ -15,6 +15,12 @@ Methods:
   zeroshot  zero-shot with the recipe's model (similarity scorer unless `zeroshot.scorer`;
             `zeroshot.templates=["This review is {}."]`); learns nothing, so it runs once and
             shows as k = 0
+  selftrain SetFit on the k x C examples, then self-training on the recipe's
+            `selftrain.unlabelled` file (tunelab.selftrain); the row is the last round, every
+            round's figures are in results.json
+  prompt    prompt-based fine-tuning (PET / LM-BFF, tunelab.prompting): the LM scores each
+            label's verbaliser in a pattern, trained with cross-entropy over the label
+            scores (`prompt.patterns`, `prompt.verbalizers`, `prompt.method.name=lora`)
 """
 from __future__ import annotations
 
@@ -31,9 +37,9 @@ import torch
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-METHODS = ("setfit", "finetune", "zeroshot")
+METHODS = ("setfit", "finetune", "zeroshot", "selftrain", "prompt")
 ALIASES = {"zeroshot-similarity": "zeroshot"}
-SECTIONS = ("setfit", "finetune", "zeroshot")
+SECTIONS = ("setfit", "finetune", "zeroshot", "selftrain", "prompt")
 """Recipe sections (and key=value prefixes) read by fewshot-eval itself, not by `train`."""
 
 
@@ -64,6 +70,12 @@ class Plan:
     """ZeroShotSettings of the zeroshot method."""
     label_spec: object | None = None
     """zeroshot: a LabelSpec (a --label-file); unset: the data's label names."""
+    selftrain: object = None
+    """SelfTrainSettings of the selftrain method."""
+    unlabelled: object = None
+    """selftrain: the rows of selftrain.unlabelled (tunelab.selftrain.Unlabelled)."""
+    prompt: object = None
+    """PromptSettings of the prompt method."""
 
 
 def parse_methods(text: str) -> list[str]:
@@ -111,10 +123,29 @@ def make_plan(recipe: str | None, overrides: list[str], methods: list[str], ks: 
                           f"{config.task.name}")
     if any(k <= 0 for k in ks):
         raise ConfigError(f"--k values must be positive, got {ks}")
-    return Plan(config, setfit_settings(sections["setfit"]),
+    plan = Plan(config, setfit_settings(sections["setfit"]),
                 build_dataclass(FinetuneSettings, sections["finetune"], "finetune"),
                 methods, ks, seeds,
                 build_dataclass(ZeroShotSettings, sections["zeroshot"], "zeroshot"), label_spec)
+    if "selftrain" in methods:
+        plan.selftrain, plan.unlabelled = selftrain_plan(sections["selftrain"], config)
+    from tunelab.prompting import prompt_settings
+
+    plan.prompt = prompt_settings(sections["prompt"])
+    return plan
+
+
+def selftrain_plan(values: dict, config):
+    """(settings, unlabelled rows) of the selftrain method, read now so that a missing file
+    or column fails before anything trains."""
+    from tunelab.selftrain import check_not_test, load_unlabelled, selftrain_settings
+
+    settings = selftrain_settings(values)
+    if settings.unlabelled is None:
+        raise ConfigError("the selftrain method needs unlabelled text: set selftrain.unlabelled "
+                          "(a recipe section or selftrain.unlabelled=FILE)")
+    check_not_test(settings.unlabelled, config.data)
+    return settings, load_unlabelled(settings.unlabelled, config.data)
 
 
 def load_pool_and_test(config):
@@ -140,9 +171,9 @@ def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
     if set(plan.methods) - {"zeroshot"}:
         sample_k_per_class(pool, max(plan.ks), 0, labels)  # fail now, not hours later
     pairs = plan.config.data.text_pair_column is not None
-    if pairs and set(plan.methods) & {"setfit", "zeroshot"}:
-        raise ConfigError("setfit and zeroshot classify single texts; this recipe has text "
-                          "pairs (data.text_pair_column): use --methods finetune")
+    if pairs and set(plan.methods) & {"setfit", "zeroshot", "prompt"}:
+        raise ConfigError("setfit, zeroshot and prompt classify single texts; this recipe has "
+                          "text pairs (data.text_pair_column): use --methods finetune")
     spec = zeroshot_spec(labels, plan.label_spec) if "zeroshot" in plan.methods else None
     info = {"labels": labels, "pool": len(pool), "test": len(test),
             "pool_source": data.sources["train"], "test_source": data.sources["test"],
@@ -150,7 +181,10 @@ def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
             "seeds": plan.seeds,
             "setfit": {k: v for k, v in plan.setfit.to_dict().items() if k != "seed"},
             "finetune": dataclasses.asdict(plan.finetune),
-            "zeroshot": dataclasses.asdict(plan.zeroshot)}
+            "zeroshot": dataclasses.asdict(plan.zeroshot),
+            **({"selftrain": {**dataclasses.asdict(plan.selftrain),
+                              "unlabelled": plan.unlabelled.source}} if plan.selftrain else {}),
+            "prompt": {k: v for k, v in plan.prompt.to_dict().items() if k != "seed"}}
     rows: list[dict] = []
     results = {**info, "runs": rows, "summary": []}
     jobs = [(m, k, s) for m in plan.methods
@@ -162,11 +196,13 @@ def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
             metrics = run_zeroshot(plan, spec, test, labels)
         else:
             sample = sample_k_per_class(pool, k, seed, labels)
-            runner = run_setfit if method == "setfit" else run_finetune
+            runner = {"setfit": run_setfit, "finetune": run_finetune,
+                      "selftrain": run_selftrain, "prompt": run_prompt}[method]
             metrics = runner(plan, labels, sample, test, seed, out_dir, k)
         rows.append({"method": method, "k": k, "seed": seed, "accuracy": metrics["accuracy"],
                      "macro_f1": metrics["macro_f1"],
-                     "seconds": round(time.perf_counter() - start, 2)})
+                     "seconds": round(time.perf_counter() - start, 2),
+                     **({"rounds": metrics["rounds"]} if "rounds" in metrics else {})})
         print(f"[{n}/{len(jobs)}] {method} k={k} seed={seed}: accuracy "
               f"{metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
               f"({rows[-1]['seconds']} s)", file=sys.stderr, flush=True)
@@ -208,6 +244,27 @@ def run_setfit(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k: in
     clf.fit([e.text for e in sample], [e.label for e in sample])
     return test_metrics(torch.from_numpy(clf.predict_proba([e.text for e in test])), test,
                         labels)
+
+
+def run_prompt(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k: int) -> dict:
+    """PET / LM-BFF with the recipe's model; verbalisers from prompt.verbalizers, else the
+    --label-file's, else the label names."""
+    from tunelab.prompting import PromptClassifier
+
+    settings = dataclasses.replace(plan.prompt, seed=seed)
+    if settings.verbalizers is None and plan.label_spec is not None:
+        spec = zeroshot_spec(labels, plan.label_spec)
+        settings.verbalizers = {n: spec.verbalizers[s] for n, s in zip(labels, spec.names)}
+    clf = PromptClassifier(plan.config.model.name, labels, settings)
+    clf.fit([e.text for e in sample], [e.label for e in sample])
+    return test_metrics(torch.from_numpy(clf.predict_proba([e.text for e in test])), test,
+                        labels)
+
+
+def run_selftrain(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k: int) -> dict:
+    from tunelab.selftrain import fewshot_selftrain
+
+    return fewshot_selftrain(plan, labels, sample, test, seed)
 
 
 def run_finetune(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k: int) -> dict:

@@ -265,7 +265,6 @@ class LMScorer:
         if empty:
             raise ConfigError(f"verbaliser {empty[0]!r} has no tokens")
         self._cf: torch.Tensor | None = None
-        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def verbalizer_log_probs(self, texts: list[str]) -> torch.Tensor:
         """(N, V) log p(verbaliser | prompt), per token when length_norm is set."""
@@ -284,46 +283,15 @@ class LMScorer:
         return out
 
     def _score(self, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
-        seqs = [self._fit(p, c) + c for p, c in zip(prompts, conts)]
-        width, tail = max(len(s) for s in seqs), max(len(c) for c in conts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            input_ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        extra = {"logits_to_keep": tail + 1} if self._keep else {}
-        device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), **extra).logits
-        logp = logits[:, -(tail + 1):-1].float().log_softmax(-1).cpu()  # (B, tail, V)
-        scores = torch.empty(len(seqs))
-        for row, c in enumerate(conts):
-            steps = logp[row, tail - len(c):]  # the positions that predict c's tokens
-            total = steps.gather(1, torch.tensor(c).unsqueeze(1)).sum()
-            scores[row] = total / len(c) if self.settings.length_norm else total
-        return scores
-
-    def _fit(self, prompt: list[int], cont: list[int]) -> list[int]:
-        """The prompt, cut from the left (keeping a leading BOS) to leave room for `cont`."""
-        if not prompt:  # an empty prompt would leave the first label token unpredicted
-            tok = self.tokenizer
-            prompt = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        room = self.settings.max_length - len(cont)
-        if len(prompt) <= room:
-            return prompt
-        bos = self.tokenizer.bos_token_id
-        head = prompt[:1] if bos is not None and prompt[0] == bos else []
-        return head + prompt[len(prompt) - (room - len(head)):]
+        return score_continuations(self.model, self.tokenizer, prompts, conts,
+                                   self.settings.max_length, self.settings.length_norm).cpu()
 
     def label_log_scores(self, texts: list[str]) -> torch.Tensor:
         """(N, L): each label's verbalisers combined: max, or log of the mean probability."""
         lp = self.verbalizer_log_probs(texts)
         if self.settings.aggregate == "max":
             return _aggregate(lp, self.groups, "max")
-        parts = torch.split(lp, self.groups, dim=1)
-        return torch.stack([p.logsumexp(1) - math.log(p.shape[1]) for p in parts], dim=1)
+        return log_mean_exp(lp, self.groups)
 
     def content_free(self) -> torch.Tensor:
         """(L,) label probabilities averaged over the content-free inputs."""
@@ -334,6 +302,67 @@ class LMScorer:
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         probs = self.label_log_scores(texts).softmax(-1)
         return calibrate(probs, self.content_free()) if self.settings.calibrate else probs
+
+
+def log_mean_exp(values: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """(N, sum(groups)) log-probabilities -> (N, len(groups)): the log of each group's mean
+    probability (a label's verbalisers pooled; shared with tunelab.prompting)."""
+    parts = torch.split(values, groups, dim=1)
+    return torch.stack([p.logsumexp(1) - math.log(p.shape[1]) for p in parts], dim=1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, position_ids), each (B, T), padded on the left so that every
+    sequence ends at the last position; positions count from each sequence's first token."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, width - len(s):] = torch.tensor(s)
+        mask[row, width - len(s):] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def fit_prompt(tokenizer, prompt: list[int], room_for: int, max_length: int) -> list[int]:
+    """The prompt, cut from the left (keeping a leading BOS) to leave `room_for` tokens."""
+    if not prompt:  # an empty prompt would leave the first label token unpredicted
+        prompt = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                  else tokenizer.eos_token_id]
+    room = max_length - room_for
+    if len(prompt) <= room:
+        return prompt
+    bos = tokenizer.bos_token_id
+    head = prompt[:1] if bos is not None and prompt[0] == bos else []
+    return head + prompt[len(prompt) - (room - len(head)):]
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM computes logits for the last positions only on request (a PEFT
+    wrapper passes the argument through to the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def score_continuations(model, tokenizer, prompts: list[list[int]], conts: list[list[int]],
+                        max_length: int, length_norm: bool) -> torch.Tensor:
+    """(B,) log p(cont | prompt) of each pair (per token when length_norm), batched and
+    left-padded; on the model's device. Differentiable: tunelab.prompting trains
+    through it."""
+    seqs = [fit_prompt(tokenizer, p, len(c), max_length) + c for p, c in zip(prompts, conts)]
+    tail = max(len(c) for c in conts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask, positions = left_pad(seqs, pad)
+    extra = {"logits_to_keep": tail + 1} if accepts_logits_to_keep(model) else {}
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                   position_ids=positions.to(device), **extra).logits
+    logp = logits[:, -(tail + 1):-1].float().log_softmax(-1)  # (B, tail, V)
+    scores = []
+    for row, c in enumerate(conts):
+        steps = logp[row, tail - len(c):]  # the positions that predict c's tokens
+        total = steps.gather(1, torch.tensor(c, device=device).unsqueeze(1)).sum()
+        scores.append(total / len(c) if length_norm else total)
+    return torch.stack(scores)
 
 
 def calibrate(probs: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
