@@ -17,7 +17,7 @@
     tunelab monitor --run RUN --input FILE|- [--topic-column C] [--window 1h] [--follow]
     tunelab explain RUN_DIR --text TEXT [--text ...] [--method ig|gxi]   token attributions
     tunelab zeroshot --model MODEL|RUN_DIR --data FILE (--labels a,b | --label-file F)
-    tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,finetune,zeroshot --k 8,16
+    tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,finetune,zeroshot,prompt,selftrain --k 8,16
     tunelab self-train RECIPE.yaml [key=value ...] --unlabelled FILE --rounds N --out DIR
     tunelab select RUN_DIR --data FILE --n N [--strategy hybrid] --out FILE   rows to label next
     tunelab methods                                      the method support matrix
@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe: data.train is the pool, data.test the test")
     p.add_argument("overrides", nargs="*", help="key=value, including setfit.* and finetune.*")
     p.add_argument("--methods", default="setfit,finetune,zeroshot",
-                   help="comma-separated: setfit, finetune, zeroshot, prompt (PET/LM-BFF)")
+                   help="comma-separated: setfit, finetune, zeroshot, prompt (PET/LM-BFF), "
+                        "selftrain (SetFit + self-training on selftrain.unlabelled)")
     p.add_argument("--k", default="8,16,32", help="examples per class (comma-separated)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="sampling/training seeds")
     p.add_argument("--label-file", help="zeroshot: label descriptions (as for tunelab zeroshot)")

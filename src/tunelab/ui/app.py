@@ -254,7 +254,8 @@ def create_app(settings: UiSettings) -> FastAPI:
 
     @app.get("/api/runs")
     def runs_table():
-        return {"root": str(root), "runs": run_rows(root)}
+        # the folder as the user named it: shorter than the resolved path, and what they typed
+        return {"root": str(settings.runs), "runs": run_rows(root)}
 
     @app.get("/api/run")
     def one_run(run: str):

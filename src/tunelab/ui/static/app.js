@@ -100,11 +100,13 @@ function lineChart(title, xLabel, series) {
   y0 -= pad; y1 += pad;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  let lastStep = null;  // steps are integers: a short range would repeat rounded labels
   for (let i = 0; i <= 4; i++) {
-    const y = y0 + ((y1 - y0) * i) / 4, x = x0 + ((x1 - x0) * i) / 4;
+    const y = y0 + ((y1 - y0) * i) / 4, x = Math.round(x0 + ((x1 - x0) * i) / 4);
     add("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" });
     add("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end" }, Number(y.toPrecision(3)));
-    add("text", { x: sx(x), y: H - B + 15, "text-anchor": "middle" }, Math.round(x));
+    if (x !== lastStep) add("text", { x: sx(x), y: H - B + 15, "text-anchor": "middle" }, x);
+    lastStep = x;
   }
   add("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" });
   add("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" });
