@@ -38,7 +38,7 @@ PARTS = ("zh", "en", "memory")
 ZH_RECIPE = "configs/pretrain/zh_char_mini_mlm.yaml"
 EN_RECIPE = "configs/pretrain/en_minilm_dapt.yaml"
 SST2_RECIPE = "configs/minilm/sst2_full.yaml"
-ZH_FINETUNE = {"batch_size": 16, "lr": 2e-4}  # the same for both starts
+ZH_FINETUNE_BATCH = 16  # the same for both starts; so are the learning rates and seeds
 SEED = 42
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "PYTHONWARNINGS": "ignore"}
@@ -52,8 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zh-batch", type=int, default=32, help="zh pretraining batch (blocks)")
     parser.add_argument("--en-steps", type=int, default=60, help="MiniLM DAPT steps")
     parser.add_argument("--en-batch", type=int, default=16, help="MiniLM DAPT batch (blocks)")
-    parser.add_argument("--finetune-epochs", type=float, default=10,
-                        help="eprstmt fine-tuning epochs (160 rows)")
+    parser.add_argument("--finetune-epochs", type=float, default=20,
+                        help="eprstmt fine-tuning epochs (160 rows; best epoch on dev)")
+    parser.add_argument("--zh-lrs", default="1e-4,3e-4,1e-3",
+                        help="eprstmt fine-tuning learning rates; each start takes the one with "
+                             "the best mean dev accuracy")
+    parser.add_argument("--zh-seeds", default="1,2,3,4,5", help="eprstmt fine-tuning seeds")
+    parser.add_argument("--zh-pretrained", type=Path, default=None,
+                        help="reuse a finished pretraining run of this recipe (same --zh-steps) "
+                             "instead of pretraining again")
     parser.add_argument("--sst2-rows", type=int, default=2000, help="SST-2 training rows")
     parser.add_argument("--memory-docs", type=int, default=None,
                         help="use the first N documents of the zh corpus as 1x (default all)")
@@ -61,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=argparse.SUPPRESS)  # internal: tokenise one corpus
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    args.zh_lrs = [float(v) for v in args.zh_lrs.split(",") if v.strip()]
+    args.zh_seeds = [int(v) for v in args.zh_seeds.split(",") if v.strip()]
     bad = [p for p in args.parts if p not in PARTS]
     if bad or not args.parts:
         parser.error(f"--parts: unknown {', '.join(bad) or '(empty)'}; choose from {PARTS}")
@@ -124,33 +133,83 @@ def random_twin(pretrained: Path, out: Path) -> None:
 
 
 def run_zh(args, work: Path) -> dict:
-    eprstmt = args.data_dir / "fewclue" / "eprstmt"
     corpus = work / "zh_corpus.txt"
     corpus_info = zh_corpus(args.data_dir, corpus)
-    pre = work / "zh-pretrain"
-    child = tunelab(["pretrain", ZH_RECIPE, f"data.train={corpus}",
-                     f"train.max_steps={args.zh_steps}", f"train.batch_size={args.zh_batch}",
-                     f"train.eval_every={args.zh_steps}", f"train.save_every={args.zh_steps}",
-                     "train.tracker=none", f"train.seed={SEED}", f"run_dir={pre}"], "zh pretrain")
+    if args.zh_pretrained:
+        pre, child = args.zh_pretrained, None
+        check_reused(pre, args)
+    else:
+        pre = work / "zh-pretrain"
+        child = tunelab(["pretrain", ZH_RECIPE, f"data.train={corpus}",
+                         f"train.max_steps={args.zh_steps}", f"train.batch_size={args.zh_batch}",
+                         f"train.eval_every={args.zh_steps}", f"train.save_every={args.zh_steps}",
+                         "train.tracker=none", f"train.seed={SEED}", f"run_dir={pre}"],
+                        "zh pretrain")
     pretrain = results(pre)
     random_twin(pre, work / "zh-random")
-    rows = {}
+    grid = {}
     for start, model in (("pretrained", pre), ("random init", work / "zh-random")):
-        run = work / f"zh-cls-{start.split()[0]}"
-        tunelab(["train", f"model.name={model}", f"data.train={eprstmt / 'train_few_all.json'}",
-                 f"data.validation={eprstmt / 'dev_few_all.json'}",
-                 f"data.test={eprstmt / 'test_public.json'}", "data.text_column=sentence",
-                 "data.labels=[Negative,Positive]", f"train.epochs={args.finetune_epochs}",
-                 f"train.batch_size={ZH_FINETUNE['batch_size']}", f"train.lr={ZH_FINETUNE['lr']}",
-                 "train.metric=accuracy", "train.tracker=none", f"train.seed={SEED}",
-                 "model.max_length=128", f"run_dir={run}"], f"zh fine-tune from {start}")
-        rows[start] = finetune_row(results(run))
+        grid[start] = {lr: [zh_finetune(args, work, start, model, lr, seed)
+                            for seed in args.zh_seeds] for lr in args.zh_lrs}
+    rows = {start: pick_lr(by_lr) for start, by_lr in grid.items()}
     return {"corpus": corpus_info, "pretrain": summary(pretrain, child),
-            "finetune": rows, "settings": {"steps": args.zh_steps, "batch": args.zh_batch,
-                                           "finetune_epochs": args.finetune_epochs,
-                                           **ZH_FINETUNE},
+            "finetune": rows, "grid": {s: {str(lr): runs for lr, runs in g.items()}
+                                       for s, g in grid.items()},
+            "settings": {"steps": args.zh_steps, "batch": args.zh_batch,
+                         "finetune_epochs": args.finetune_epochs, "lrs": args.zh_lrs,
+                         "seeds": args.zh_seeds, "batch_size": ZH_FINETUNE_BATCH},
             "difference_points": round(100 * (rows["pretrained"]["test_accuracy"]
                                               - rows["random init"]["test_accuracy"]), 2)}
+
+
+def check_reused(pre: Path, args) -> None:
+    """A reused pretraining run must be this recipe at this benchmark's steps, batch and
+    seed, or its figures would be reported under the wrong settings."""
+    import yaml
+
+    cfg = yaml.safe_load((pre / "config.yaml").read_text())
+    want = {"max_steps": args.zh_steps, "batch_size": args.zh_batch, "seed": SEED}
+    got = {key: cfg["train"][key] for key in want}
+    if got != want or results(pre)["train"]["steps"] != args.zh_steps:
+        raise RuntimeError(f"--zh-pretrained {pre}: train settings {got}, expected {want}")
+
+
+def zh_pretrain_command(args) -> str:
+    return (f"tunelab pretrain {ZH_RECIPE} data.train=zh_corpus.txt "
+            f"train.max_steps={args.zh_steps} train.batch_size={args.zh_batch} "
+            f"train.seed={SEED}")
+
+
+def zh_finetune(args, work: Path, start: str, model: Path, lr: float, seed: int) -> dict:
+    """One eprstmt fine-tuning run: best epoch on dev_few_all, scored on test_public."""
+    eprstmt = args.data_dir / "fewclue" / "eprstmt"
+    run = work / f"zh-cls-{start.split()[0]}-lr{lr:g}-seed{seed}"
+    tunelab(["train", f"model.name={model}", f"data.train={eprstmt / 'train_few_all.json'}",
+             f"data.validation={eprstmt / 'dev_few_all.json'}",
+             f"data.test={eprstmt / 'test_public.json'}", "data.text_column=sentence",
+             "data.labels=[Negative,Positive]", f"train.epochs={args.finetune_epochs}",
+             f"train.batch_size={ZH_FINETUNE_BATCH}", f"train.lr={lr}",
+             "train.metric=accuracy", "train.tracker=none", f"train.seed={seed}",
+             "model.max_length=128", f"run_dir={run}"], f"zh fine-tune from {start}, lr {lr:g}, "
+            f"seed {seed}")
+    return finetune_row(results(run))
+
+
+def pick_lr(by_lr: dict) -> dict:
+    """The learning rate with the best mean dev accuracy over seeds (test never looked at),
+    and its test accuracy as mean ± std over those seeds."""
+    import statistics
+
+    def mean(runs, key):
+        return statistics.fmean(r[key] for r in runs)
+
+    lr = max(by_lr, key=lambda lr: mean(by_lr[lr], "dev_accuracy"))
+    runs = by_lr[lr]
+    tests = [r["test_accuracy"] for r in runs]
+    return {"lr": lr, "test_accuracy": statistics.fmean(tests),
+            "test_accuracy_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "test_macro_f1": mean(runs, "test_macro_f1"),
+            "dev_accuracy": mean(runs, "dev_accuracy"), "runs": len(runs)}
 
 
 def run_en(args, work: Path) -> dict:
@@ -184,15 +243,19 @@ def finetune_row(r: dict) -> dict:
             "dev_accuracy": r["validation"]["accuracy"], "steps": r["train"]["steps"]}
 
 
-def summary(pretrain: dict, child: common.ChildRun) -> dict:
+def summary(pretrain: dict, child: common.ChildRun | None) -> dict:
+    """The pretraining run's figures; process time and peak RSS only when this benchmark ran
+    it (child), not for a reused --zh-pretrained run."""
     t = pretrain["train"]
-    return {"validation_perplexity": pretrain["validation"]["perplexity"],
-            "validation_accuracy": pretrain["validation"]["accuracy"], "steps": t["steps"],
-            "train_seconds": t["seconds"], "seconds_per_step": round(t["seconds"] / t["steps"], 3),
-            "tokens_per_s": round(t["tokens_per_s"], 1),
-            "process_seconds": round(child.wall_seconds, 1),
-            "peak_rss_mb": round(child.peak_rss_mb), "params": t["total_params"],
-            "precision": t["precision"]}
+    out = {"validation_perplexity": pretrain["validation"]["perplexity"],
+           "validation_accuracy": pretrain["validation"]["accuracy"], "steps": t["steps"],
+           "train_seconds": t["seconds"], "seconds_per_step": round(t["seconds"] / t["steps"], 3),
+           "tokens_per_s": round(t["tokens_per_s"], 1), "params": t["total_params"],
+           "precision": t["precision"]}
+    if child is not None:
+        out.update(process_seconds=round(child.wall_seconds, 1),
+                   peak_rss_mb=round(child.peak_rss_mb))
+    return out
 
 
 def run_memory(args, work: Path) -> dict:
@@ -244,22 +307,32 @@ def header(report: dict) -> list[str]:
 def markdown_zh(report: dict) -> str:
     zh = report["zh"]
     p, s = zh["pretrain"], zh["settings"]
-    rows = [[start, f"{r['test_accuracy']:.4f}", f"{r['test_macro_f1']:.4f}",
-             f"{r['dev_accuracy']:.4f}"] for start, r in zh["finetune"].items()]
+    rows = [[start, f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f}",
+             f"{r['test_macro_f1']:.4f}", f"{r['dev_accuracy']:.4f}", f"{r['lr']:g}"]
+            for start, r in zh["finetune"].items()]
+    reused = report.get("zh_pretrained")
     return "\n".join([
         "## Transfer (zh): char-level mini BERT pretrained from scratch vs random init, "
         "FewCLUE eprstmt", "", *header(report),
+        *([f"The pretraining run was made beforehand by `{reused}` on the same corpus file "
+           "(`bench/transfer.py` writes it: the reviews minus eprstmt dev/test sentences).", ""]
+          if reused else []),
         f"Pretraining: `{ZH_RECIPE}`, {s['steps']} steps of {s['batch']} blocks × 128 tokens on "
         f"{zh['corpus']['documents']:,} reviews ({zh['corpus']['mb']} MB; "
         f"{zh['corpus']['dropped_eval_sentences']} eprstmt dev/test sentences removed), "
-        f"{p['params']:,} parameters, {p['seconds_per_step']} s/step ({p['precision']}); "
-        f"held-out perplexity {p['validation_perplexity']:.1f}, masked-token accuracy "
+        f"{p['params']:,} parameters, "
+        + (f"{p['precision']} (no timing: the reused run was paused while other jobs had the "
+           f"machine); " if reused else f"{p['seconds_per_step']} s/step ({p['precision']}); ")
+        + f"held-out perplexity {p['validation_perplexity']:.1f}, masked-token accuracy "
         f"{p['validation_accuracy']:.3f}.", "",
         f"Fine-tuning: 160 training rows (train_few_all), {s['finetune_epochs']:g} epochs, "
-        f"batch {s['batch_size']}, lr {s['lr']:g}, best epoch on dev_few_all (160), "
-        f"test_public (610). Random init = the same architecture and tokenizer, fresh weights.",
-        "", common.markdown_table(["start", "test accuracy", "test macro-F1", "dev accuracy"],
-                                  rows), "",
+        f"batch {s['batch_size']}, best epoch on dev_few_all (160), scored on test_public "
+        f"(610). Each start tries learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])} "
+        f"with seeds {', '.join(map(str, s['seeds']))} and keeps the rate with the best mean "
+        f"dev accuracy; test accuracy is the mean ± std over the seeds at that rate. Random "
+        f"init = the same architecture and tokenizer, fresh weights.", "",
+        common.markdown_table(["start", "test accuracy", "test macro-F1", "dev accuracy",
+                               "lr"], rows), "",
         f"Pretrained − random init: **{zh['difference_points']:+.2f}** accuracy points."])
 
 
@@ -303,6 +376,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     report = {"benchmark": NAME, "command": common.command_line(), "date": common.now(),
               "machine": common.machine_info()}
+    if args.zh_pretrained:
+        report["zh_pretrained"] = zh_pretrain_command(args)
     runners = {"zh": run_zh, "en": run_en, "memory": run_memory}
     failed = []
     with tempfile.TemporaryDirectory(prefix="tunelab-transfer-") as tmp:

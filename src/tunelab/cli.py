@@ -720,8 +720,22 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def parse_args(argv: list[str] | None = None):
+    """argparse, except that key=value overrides may also come after the options
+    (`tunelab train recipe.yaml --resume run train.lr=1e-4`): argparse alone stops collecting
+    a positional list at the first option and rejects what follows."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     quiet_libraries()
     try:
         args.fn(args)
