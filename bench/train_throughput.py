@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"methods to measure, comma-separated ({', '.join(METHODS)})")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"configurations to measure, comma-separated ({', '.join(CONFIGS)})")
+    parser.add_argument("--scaling", default="",
+                        help="also train tunelab full on 1x,2x,4x... the --train-rows "
+                             "(comma-separated multiples, e.g. 1,2,4) to check that time grows "
+                             "linearly with rows")
     parser.add_argument("--child", nargs=3, metavar=("JOB_JSON", "KEY", "OUT_JSON"),
                         help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args(argv)
@@ -54,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.configs = pick(args.configs, CONFIGS, "--configs")
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    try:
+        args.scaling = [int(x) for x in args.scaling.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--scaling: expected comma-separated integers, got {args.scaling!r}")
     return args
 
 
@@ -132,14 +140,19 @@ def child_main(job_file: str, key: str, out_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     method, config = key.split(":")
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # what tunelab uses by default
-    if config == "tunelab":
+    if method == "probe":
+        result = probe_matmul_peak(job)
+    elif config.startswith("scaling"):
+        result = run_tunelab({**job, "paths": {**job["paths"], "train": job["scaling"][config]}},
+                             method, suffix=config)
+    elif config == "tunelab":
         result = run_tunelab(job, method)
     else:
         result = run_trainer(job, method, tuned=config == "trainer_tuned")
     common.write_json(Path(out_file), result)
 
 
-def run_tunelab(job: dict, method: str) -> dict:
+def run_tunelab(job: dict, method: str, suffix: str = "") -> dict:
     from tunelab.config import resolve_config
     from tunelab.train.loop import train
 
@@ -150,7 +163,7 @@ def run_tunelab(job: dict, method: str) -> dict:
         f"method.name={method}", f"train.epochs={job['epochs']}", f"train.lr={job['lr'][method]}",
         f"train.batch_size={BATCH_SIZE}", f"train.warmup_ratio={WARMUP_RATIO}",
         "train.schedule=linear", f"train.weight_decay={WEIGHT_DECAY}", f"train.seed={SEED}",
-        "train.tracker=none", f"run_dir={Path(job['workdir']) / f'tunelab-{method}'}"]
+        "train.tracker=none", f"run_dir={Path(job['workdir']) / f'tunelab-{method}{suffix}'}"]
     run_dir = train(resolve_config(overrides=overrides), quiet=True)
     results = json.loads((run_dir / "results.json").read_text())
     t = results["train"]
@@ -244,6 +257,78 @@ def run_trainer(job: dict, method: str, tuned: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# what the machine can do: the bf16 matmul peak at the model's own shapes, and model FLOPs
+
+
+def model_shapes() -> dict:
+    from transformers import AutoConfig
+
+    from tunelab.models import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model("minilm"))
+    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size}
+
+
+def probe_matmul_peak(job: dict) -> dict:
+    """bf16 GFLOP/s of the encoder layer's matmuls (Q, K, V, O projections and the two
+    feed-forward ones) at the benchmark's mean batch: M = batch x mean real length rows, run
+    forward-shaped (X W) and backward-shaped (dY W^T, X^T dY). This is the peak training can
+    reach with these shapes on this machine, measured in the same run as the training rows."""
+    import torch
+
+    d, f = job["shapes"]["hidden"], job["shapes"]["intermediate"]
+    m = BATCH_SIZE * round(job["real_tokens_per_epoch"] / job["train_rows"])
+    shapes = [(m, d, d)] * 4 + [(m, d, f), (m, f, d)]
+    gen = torch.Generator().manual_seed(0)
+    flops = seconds = 0.0
+    for mm, kk, nn in shapes:
+        x = torch.randn(mm, kk, generator=gen).bfloat16()
+        w = torch.randn(kk, nn, generator=gen).bfloat16()
+        dy = torch.randn(mm, nn, generator=gen).bfloat16()
+        ops = [lambda: x @ w, lambda: dy @ w.T, lambda: x.T @ dy]
+        for op in ops:
+            for _ in range(3):
+                op()  # warm-up: oneDNN picks and caches its kernel
+        t0 = time.perf_counter()
+        repeats = 20
+        for _ in range(repeats):
+            for op in ops:
+                op()
+        seconds += time.perf_counter() - t0
+        flops += repeats * 3 * 2 * mm * kk * nn
+    return {"rows": m, "bf16_gflops": round(flops / seconds / 1e9, 1)}
+
+
+def flops_per_token(shapes: dict, mean_length: float, method: str) -> float:
+    """Training FLOPs per real token of the encoder (embeddings and head excluded): 2 per
+    weight forward, 2 for the input gradient, 2 for the weight gradient — the last only where
+    weights train (full; not the frozen backbone under LoRA, whose adapters are ~1% extra) —
+    plus attention scores and mixing (4 x hidden x length per layer forward, x3 with backward)."""
+    L, d, f = shapes["layers"], shapes["hidden"], shapes["intermediate"]
+    weights = L * (4 * d * d + 2 * d * f)
+    per_weight = 6 if method == "full" else 4
+    return per_weight * weights + 12 * L * d * mean_length
+
+
+def mfu(rows: list[dict], job: dict, peak_gflops: float | None) -> dict:
+    """Fraction of the probed bf16 matmul peak that each tunelab row's training reaches."""
+    if not peak_gflops:
+        return {}
+    mean_length = job["real_tokens_per_epoch"] / job["train_rows"]
+    out = {}
+    for r in rows:
+        if "error" in r or r["config"] != "tunelab":
+            continue
+        per_token = flops_per_token(job["shapes"], mean_length, r["method"])
+        achieved = r["tokens_per_s"] * per_token / 1e9
+        out[r["method"]] = {"mflop_per_token": round(per_token / 1e6, 1),
+                            "achieved_gflops": round(achieved, 1),
+                            "fraction_of_peak": round(achieved / peak_gflops, 3)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # the driver
 
 
@@ -263,6 +348,52 @@ def measure(job_file: Path, job: dict, method: str, config: str) -> dict:
     seconds = max(result["train_seconds"], 1e-9)
     return {**row, **result, "samples_per_s": round(samples / seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def scaling_files(args, data: dict, workdir: Path) -> dict:
+    """{"scaling-2x": path, ...}: the first N x multiple training rows (stratified) per
+    --scaling multiple, N = the benchmark's training rows."""
+    if not args.scaling:
+        return {}
+    rows = read_labeltext(args.data_dir / "sst2" / "train.txt")
+    out = {}
+    for multiple in args.scaling:
+        n = data["train_rows"] * multiple
+        if n > len(rows):
+            raise SystemExit(f"--scaling {multiple}: {n} rows wanted, SST-2 has {len(rows)}; "
+                             f"lower --train-rows")
+        path = workdir / f"train-{multiple}x.txt"
+        path.write_text("".join(f"{y} {x}\n" for y, x in stratified_first(rows, n)),
+                        encoding="utf-8")
+        out[f"scaling-{multiple}x"] = str(path)
+    return out
+
+
+def probe(job_file: Path, job: dict) -> dict:
+    out = Path(job["workdir"]) / "result-probe.json"
+    child = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child",
+                              str(job_file), "probe:matmul", str(out)])
+    if child.returncode != 0 or not out.is_file():
+        return {"error": f"exit code {child.returncode}: {child.output_tail[-2000:]}"}
+    return json.loads(out.read_text())
+
+
+def measure_scaling(job_file: Path, job: dict, key: str) -> dict:
+    """tunelab full fine-tuning on one scaled training file: seconds per 1,000 rows."""
+    out = Path(job["workdir"]) / f"result-{key}.json"
+    child = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child",
+                              str(job_file), f"full:{key}", str(out)],
+                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                  "PYTHONWARNINGS": "ignore"})
+    rows = len(read_labeltext(Path(job["scaling"][key]))) * job["epochs"]
+    row = {"multiple": key.split("-")[1], "rows": rows,
+           "peak_rss_mb": round(child.peak_rss_mb, 1)}
+    if child.returncode != 0 or not out.is_file():
+        return {**row, "error": f"exit code {child.returncode}: {child.output_tail[-2000:]}"}
+    result = json.loads(out.read_text())
+    return {**row, "train_seconds": result["train_seconds"],
+            "seconds_per_1000_rows": round(1000 * result["train_seconds"] / rows, 2),
+            "test_accuracy": result["test_accuracy"]}
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -313,6 +444,29 @@ def markdown(report: dict) -> str:
               "tunelab speed × = tunelab samples/s ÷ that row's; tunelab RSS × = tunelab peak RSS "
               "÷ that row's (< 1: tunelab uses less). Absolute figures drift ±25% between runs on a "
               "shared machine; the ratios are steadier."]
+    peak = report.get("matmul_peak", {})
+    if report.get("mfu") and "bf16_gflops" in peak:
+        lines += ["", f"Fraction of the bf16 matmul peak: the encoder's six matmul shapes at "
+                  f"{peak['rows']} rows (batch × mean length), forward- and backward-shaped, ran "
+                  f"at **{peak['bf16_gflops']:,.0f} GFLOP/s** in this run. Model FLOPs per real "
+                  f"token count 2 per weight forward, 2 for input gradients, 2 for weight "
+                  f"gradients (full only) and attention; embeddings and the head excluded.", "",
+                  common.markdown_table(
+                      ["method", "MFLOP / real token", "achieved GFLOP/s", "fraction of peak"],
+                      [[m, v["mflop_per_token"], v["achieved_gflops"],
+                        f"{v['fraction_of_peak']:.0%}"] for m, v in report["mfu"].items()])]
+    if report.get("scaling"):
+        base = next((r for r in report["scaling"] if "error" not in r), None)
+        lines += ["", "Scaling with rows (tunelab full fine-tuning, same settings):", "",
+                  common.markdown_table(
+                      ["rows", "train s", "s per 1,000 rows", "vs smallest", "peak RSS MB",
+                       "test acc"],
+                      [[f"{r['rows']:,} ({r['multiple']})", common.fmt(r["train_seconds"]),
+                        r["seconds_per_1000_rows"],
+                        f"{r['seconds_per_1000_rows'] / base['seconds_per_1000_rows']:.2f}",
+                        common.fmt(r["peak_rss_mb"], 0), f"{r['test_accuracy']:.4f}"]
+                       if "error" not in r else [r["rows"], "failed", "—", "—", "—", "—"]
+                       for r in report["scaling"]])]
     return "\n".join(lines)
 
 
@@ -328,7 +482,8 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         data = prepare_data(args, workdir)
         lr = {m: registry.get_method(m).default_lr for m in METHODS}
-        job = {**data, "epochs": args.epochs, "lr": lr, "workdir": str(workdir)}
+        job = {**data, "epochs": args.epochs, "lr": lr, "workdir": str(workdir),
+               "shapes": model_shapes(), "scaling": scaling_files(args, data, workdir)}
         job_file = workdir / "job.json"
         job_file.write_text(json.dumps(job))
         rows = []
@@ -337,6 +492,8 @@ def main(argv=None) -> int:
                 print(f"[{NAME}] {method} / {config} ...", file=sys.stderr, flush=True)
                 rows.append(measure(job_file, job, method, config))
                 print(f"[{NAME}] {summary(rows[-1])}", file=sys.stderr, flush=True)
+        peak = probe(job_file, job)
+        scaling = [measure_scaling(job_file, job, key) for key in job["scaling"]]
     test_rows = len(read_labeltext(Path(data["paths"]["test"])))
     settings = {k: v for k, v in data.items() if k != "paths"}
     report = {"benchmark": NAME, "command": common.command_line(), "date": common.now(),
@@ -345,7 +502,8 @@ def main(argv=None) -> int:
                            "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
                            "warmup_ratio": WARMUP_RATIO, "weight_decay": WEIGHT_DECAY,
                            "seed": SEED, "lora": LORA, "eval_batch_size": EVAL_BATCH_SIZE},
-              "results": rows, "ratios": ratios(rows),
+              "results": rows, "ratios": ratios(rows), "matmul_peak": peak,
+              "mfu": mfu(rows, job, peak.get("bf16_gflops")), "scaling": scaling,
               "benchmark_seconds": round(time.perf_counter() - started, 1)}
     common.write_json(args.out, report)
     text = markdown(report)

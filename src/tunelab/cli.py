@@ -17,7 +17,7 @@
     tunelab monitor --run RUN --input FILE|- [--topic-column C] [--window 1h] [--follow]
     tunelab explain RUN_DIR --text TEXT [--text ...] [--method ig|gxi]   token attributions
     tunelab zeroshot --model MODEL|RUN_DIR --data FILE (--labels a,b | --label-file F)
-    tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,finetune,zeroshot,prompt,selftrain --k 8,16
+    tunelab fewshot-eval RECIPE.yaml [key=value ...] --methods setfit,prompt,selftrain,... --k 8,16
     tunelab self-train RECIPE.yaml [key=value ...] --unlabelled FILE --rounds N --out DIR
     tunelab select RUN_DIR --data FILE --n N [--strategy hybrid] --out FILE   rows to label next
     tunelab methods                                      the method support matrix
