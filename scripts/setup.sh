@@ -29,8 +29,12 @@ if [ ! -x /usr/bin/chromium ]; then
   [ "$(id -u)" -eq 0 ] || as_root="sudo"
   if command -v apt-get >/dev/null 2>&1 && { [ -z "$as_root" ] || command -v sudo >/dev/null 2>&1; }; then
     echo "installing chromium with apt-get (for the dashboard's browser test) ..."
-    $as_root apt-get update -qq
-    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    # not fatal: without the browser only the dashboard's browser test fails, with a message
+    if ! { $as_root apt-get update -qq &&
+           $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      echo "note: apt-get could not install chromium; tests/integration/test_ui_browser.py" \
+           "will fail until it is installed" >&2
+    fi
   else
     echo "note: /usr/bin/chromium is missing and cannot be installed here (no apt-get, or not" \
          "root and no sudo): install Chromium, or tests/integration/test_ui_browser.py fails" >&2
