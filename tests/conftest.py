@@ -61,3 +61,15 @@ def tiny_overrides(tiny_bert, toy_data, tmp_path):
             "train.lr=1e-3", "train.batch_size=4", "train.epochs=20", "train.log_every=5",
             "train.precision=fp32", "train.threads=1", "train.tracker=none",
             "model.max_length=32", "train.warmup_ratio=0.0", f"run_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(scope="module")
+def keep_torch_threads():
+    """The serve batcher's worker sets torch's (process-wide) thread count; later tests keep
+    theirs. A server-starting module opts in with
+    `pytestmark = pytest.mark.usefixtures("keep_torch_threads")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -92,8 +92,14 @@ class Predictor:
 
 def as_predictions(logits: torch.Tensor, labels: list[str]) -> list[dict]:
     """(N, C) logits -> per text the best label, its probability and every label's."""
+    return probabilities_as_predictions(logits.softmax(-1), labels)
+
+
+def probabilities_as_predictions(probs, labels: list[str]) -> list[dict]:
+    """(N, C) probabilities (a tensor or an array) -> what `tunelab.load(...).predict` returns:
+    per text the best label, its probability and every label's."""
     out = []
-    for row in logits.softmax(-1).tolist():
+    for row in probs.tolist():
         best = max(range(len(row)), key=row.__getitem__)
         out.append({"label": labels[best], "score": row[best], "scores": dict(zip(labels, row))})
     return out

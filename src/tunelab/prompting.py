@@ -445,12 +445,9 @@ class PromptClassifier:
         """[{'label', 'score', 'scores'}] as tunelab.load(...).predict returns."""
         if isinstance(texts, str):
             raise TypeError("predict takes a list of texts; wrap a single text in a list")
-        out = []
-        for row in self.predict_proba(texts) if texts else []:
-            best = int(row.argmax())
-            out.append({"label": self.labels[best], "score": float(row[best]),
-                        "scores": {n: float(v) for n, v in zip(self.labels, row)}})
-        return out
+        from tunelab.predict import probabilities_as_predictions
+
+        return probabilities_as_predictions(self.predict_proba(texts), self.labels) if texts else []
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:

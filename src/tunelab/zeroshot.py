@@ -458,12 +458,9 @@ class ZeroShotClassifier:
         """[{'label', 'score', 'scores': {label: probability}}] as tunelab.load(...).predict."""
         if isinstance(texts, str):
             raise TypeError("predict takes a list of texts; wrap a single text in a list")
-        out = []
-        for row in self.probabilities(texts):
-            best = int(row.argmax())
-            out.append({"label": self.labels[best], "score": float(row[best]),
-                        "scores": {n: float(v) for n, v in zip(self.labels, row)}})
-        return out
+        from tunelab.predict import probabilities_as_predictions
+
+        return probabilities_as_predictions(self.probabilities(texts), self.labels)
 
     def describe(self) -> dict:
         """What produced the predictions, saved beside them (zeroshot.json)."""

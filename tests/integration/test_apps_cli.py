@@ -19,14 +19,7 @@ from tunelab.serve.pool import ModelPool
 T0 = 1714557600  # 2024-05-01T10:00:00Z
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The batcher's worker sets torch's (process-wide) thread count; later tests keep theirs."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 @pytest.fixture(scope="module")

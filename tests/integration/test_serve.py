@@ -28,14 +28,7 @@ TEXTS = ["the film was great", "a boring plot and very dull acting", "it", "supe
 PAIRS = ["good", "awful acting", "the plot", "fine", "a film", "dull", "very weak", "great"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The batcher's worker sets torch's (process-wide) thread count; later tests keep theirs."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 @pytest.fixture(scope="module")

@@ -122,14 +122,7 @@ def train_causal_lm(root):
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The batcher's worker sets torch's (process-wide) thread count; later tests keep theirs."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 @pytest.fixture(scope="module")
