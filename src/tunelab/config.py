@@ -24,6 +24,7 @@ FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "labeltext", "conll
 SCHEDULES = ("linear", "cosine", "constant")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
 MODEL_SIZES = ("tiny", "mini", "small")
+ARCHITECTURES = ("bert", "roberta-prelayernorm", "llama")
 
 
 @dataclass
@@ -46,6 +47,16 @@ class ModelConfig:
     vocab_size: int = 8000
     """Vocabulary size of a tokenizer trained from the corpus (`tokenizer` wordpiece, bpe or
     char); a small corpus may yield fewer tokens."""
+    architecture: str | None = None
+    """With `size`: the model built. mlm: bert (post-LayerNorm, BERT's own; the default) or
+    roberta-prelayernorm (LayerNorm before each sub-layer: trains faster from scratch and
+    tolerates higher learning rates); causal_lm: llama. Both mlm choices fine-tune through the
+    Auto classes like any Transformers model."""
+    dropout: float | None = None
+    """With `size`: dropout of the new model (hidden and attention). Unset: the architecture's
+    default (0.1 for BERT). Short pretraining runs underfit, so 0.0 learns faster (Geiping &
+    Goldstein 2023, "Cramming"); the value is stored in the run's model and kept by later
+    fine-tuning."""
 
     def __post_init__(self):
         _check(self.max_length >= 8, "model.max_length must be at least 8")
@@ -54,6 +65,14 @@ class ModelConfig:
         _check(self.tokenizer is None or self.size is not None,
                "model.tokenizer applies only with model.size (a model built from scratch); "
                "a pretrained model keeps its own tokenizer")
+        _check(self.architecture is None or self.architecture in ARCHITECTURES,
+               f"model.architecture must be one of {', '.join(ARCHITECTURES)}; got "
+               f"{self.architecture!r}")
+        _check((self.architecture is None and self.dropout is None) or self.size is not None,
+               "model.architecture and model.dropout apply only with model.size (a model built "
+               "from scratch); a pretrained model keeps its own")
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0,
+               f"model.dropout must be in [0, 1); got {self.dropout}")
         _check(self.vocab_size >= 300, "model.vocab_size must be at least 300 (byte-level BPE "
                "alone needs 256 + special tokens)")
 

@@ -87,19 +87,44 @@ def _train_into(folder, kind: str, source, vocab_size: int, positions: int) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def scratch_model(objective: str, size: str, tokenizer, max_length: int, seed: int):
-    """A randomly initialised BertForMaskedLM (mlm) or LlamaForCausalLM (causal_lm) whose
-    vocabulary is the tokenizer's; the same seed gives the same weights."""
+DEFAULT_ARCHITECTURE = {"mlm": "bert", "causal_lm": "llama"}
+_ARCHITECTURES = {"mlm": ("bert", "roberta-prelayernorm"), "causal_lm": ("llama",)}
+
+
+def scratch_model(objective: str, size: str, tokenizer, max_length: int, seed: int,
+                  architecture: str | None = None, dropout: float | None = None):
+    """A randomly initialised masked LM (BERT, or pre-LayerNorm RoBERTa) or LlamaForCausalLM
+    whose vocabulary is the tokenizer's; the same seed gives the same weights."""
     import torch
-    from transformers import BertForMaskedLM, LlamaForCausalLM
+    from transformers import (BertForMaskedLM, LlamaForCausalLM, RobertaPreLayerNormConfig,
+                              RobertaPreLayerNormForMaskedLM)
 
     from tunelab import tiny
 
+    architecture = architecture or DEFAULT_ARCHITECTURE[objective]
+    if architecture not in _ARCHITECTURES[objective]:
+        raise ConfigError(f"model.architecture={architecture} cannot train {objective}; choose "
+                          f"{' or '.join(_ARCHITECTURES[objective])}")
     dims = dict(SIZES[size], vocab=len(tokenizer), max_position=max(max_length, MIN_POSITIONS))
     torch.manual_seed(seed)
-    if objective == "mlm":
-        return BertForMaskedLM(tiny.bert_config(tokenizer, **dims))
-    return LlamaForCausalLM(tiny.llama_config(tokenizer, **dims))
+    if architecture == "llama":
+        config = tiny.llama_config(tokenizer, **dims)
+        if dropout is not None:
+            config.attention_dropout = dropout
+        return LlamaForCausalLM(config)
+    config = tiny.bert_config(tokenizer, **dims)
+    if dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    if architecture == "bert":
+        return BertForMaskedLM(config)
+    # RoBERTa numbers positions from pad_token_id + 1: room for the offset; the BERT-style
+    # tokenizer's [CLS]/[SEP] stand in for <s>/</s>
+    fields = config.to_dict()
+    fields["max_position_embeddings"] += tokenizer.pad_token_id + 1
+    fields.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    return RobertaPreLayerNormForMaskedLM(RobertaPreLayerNormConfig(**fields))
 
 
 def pretrain_config(recipe: str | None, overrides: list[str]) -> RunConfig:

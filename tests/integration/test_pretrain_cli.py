@@ -97,6 +97,40 @@ def test_mlm_from_scratch_lowers_perplexity_and_writes_a_usable_run(corpus_file,
     assert "⟨" in shown and "[CLS]" in shown
 
 
+def test_prelayernorm_mlm_without_dropout_learns_and_fine_tunes(corpus_file, tmp_path,
+                                                                 tiny_overrides):
+    run = tmp_path / "preln"
+    overrides = [f"data.train={corpus_file}", "model.size=tiny", "model.vocab_size=300",
+                 "model.architecture=roberta-prelayernorm", "model.dropout=0.0",
+                 "train.max_steps=40", "train.eval_every=40", "train.lr=2e-3", *FAST]
+    built = get_task(pretrain_config(None, overrides)).build_model([])
+    assert built.model.config.model_type == "roberta-prelayernorm"
+    assert built.model.config.hidden_dropout_prob == 0.0
+    assert main(["pretrain", *overrides, f"run_dir={run}"]) == 0
+    final = json.loads((run / "results.json").read_text())["validation"]["perplexity"]
+    start = initial_perplexity(overrides)
+    assert final < start / 4, (start, final)
+    # the run is a `model:` for classification: encoder loaded, a new head on top
+    cls_config = resolve_config(overrides=[o for o in tiny_overrides
+                                           if not o.startswith("model.name=")]
+                                + [f"model.name={run}"])
+    cls_built = get_task(cls_config).build_model(["negative", "positive"])
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    emb = "roberta_prelayernorm.embeddings.word_embeddings.weight"
+    assert torch.equal(cls_built.model.state_dict()[emb], saved[emb])
+    assert cls_built.head_modules and all(h.startswith("classifier")
+                                          for h in cls_built.head_modules)
+
+
+def test_architecture_must_suit_the_objective(corpus_file, capsys):
+    assert main(["pretrain", f"data.train={corpus_file}", "model.size=tiny",
+                 "model.architecture=llama", *FAST]) == 2
+    assert "cannot train mlm" in capsys.readouterr().err
+    assert main(["pretrain", f"data.train={corpus_file}", "model.name=minilm",
+                 "model.dropout=0.0", *FAST]) == 2
+    assert "only with model.size" in capsys.readouterr().err
+
+
 def test_causal_lm_from_scratch_generates_and_predicts(corpus_file, tmp_path):
     run = tmp_path / "clm"
     overrides = ["task=causal_lm", f"data.train={corpus_file}", "model.size=tiny",

@@ -19,8 +19,8 @@ from tunelab.data.corpus import Source, TokenBlocks, expand_paths, load_corpus, 
 from tunelab.errors import ConfigError, DataError
 from tunelab.pretrain import pretrain_config, scratch_tokenizer
 from tunelab.tasks import get_task
-from tunelab.tasks.language_modeling import (Encoded, LanguageModelMetrics, mask_tokens,
-                                             shift_labels, vocab_info)
+from tunelab.tasks.language_modeling import (Encoded, LanguageModelMetrics, _encoder_and_head,
+                                             mask_tokens, shift_labels, vocab_info)
 
 WORDS = ["the", "cat", "sat", "on", "mat", "unbelievably", "extraordinary", "dog", "ran",
          "park", "tokenization", "river", "house", "blue", "playground"]
@@ -169,6 +169,36 @@ def test_loss_sum_and_streaming_metrics():
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
     assert m["accuracy"] == (logits[keep].argmax(-1) == labels[keep]).float().mean().item()
     assert task.metrics[0] == "loss" and {"loss", "perplexity"} <= task.lower_is_better
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta-prelayernorm"])
+def test_training_logits_only_at_masked_positions_give_the_same_loss_and_gradients(
+        architecture):
+    from tunelab.pretrain import scratch_model
+
+    tok = tiny.train_tokenizer("char", ["".join(chr(0x4e00 + i) for i in range(40))] * 3, 300,
+                               64)
+    model = scratch_model("mlm", "tiny", tok, 32, seed=0, architecture=architecture, dropout=0.0)
+    torch.manual_seed(0)
+    ids = torch.randint(5, len(tok), (3, 16))
+    labels = torch.full_like(ids, -100)
+    labels[torch.rand(ids.shape) < 0.3] = 7
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    task = mlm_task()
+    fast = task.train_logits(model, batch)
+    assert fast.shape == (int((labels != -100).sum()), len(tok))
+    loss_fast, n_fast = task.loss_sum(fast, batch)
+    loss_fast.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss_full, n_full = task.loss_sum(model(**task.model_inputs(batch)).logits, batch)
+    loss_full.backward()
+    assert n_fast == n_full and loss_fast.item() == pytest.approx(loss_full.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[name], p.grad, atol=1e-5), name
+    # a wrapped model runs whole: its hooks (PEFT, DDP) must see the forward pass
+    assert _encoder_and_head(torch.nn.Sequential(model)) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ it and holds its settings (``task: {name: token_classification, scheme: IOB2}``,
     built = task.build_model(data.labels)            # backbone + (new) head, tokenizer
     enc = task.encode(built.tokenizer, data.splits["train"])   # token ids, unpadded
     batch = task.collate(enc, indices, pad_id)       # padded tensors incl. "labels"
-    logits = model(**task.model_inputs(batch)).logits
+    logits = task.train_logits(model, batch)          # training: model(**inputs).logits
     loss, items = task.loss_sum(logits, batch)       # summed over the items that count
     metrics = task.new_metrics(data.labels); metrics.update(logits, batch); metrics.compute()
 
@@ -121,6 +121,10 @@ class Task:
 
     def model_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k not in ("labels", "word_ids")}
+
+    def train_logits(self, model, batch: dict) -> torch.Tensor:
+        """The logits a training step's loss is computed from (what `loss_sum` receives)."""
+        return model(**self.model_inputs(batch)).logits
 
     def loss_sum(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
         raise NotImplementedError

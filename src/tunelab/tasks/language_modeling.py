@@ -247,7 +247,7 @@ class LanguageModelTask(Task):
         train = self.load_data().splits["train"]
         tokenizer = pretrain.scratch_tokenizer(cfg.model, self.name, train)
         model = pretrain.scratch_model(self.name, cfg.model.size, tokenizer, cfg.model.max_length,
-                                       cfg.train.seed)
+                                       cfg.train.seed, cfg.model.architecture, cfg.model.dropout)
         family = "encoder" if self.name == "mlm" else "decoder"
         return BuiltModel(model, tokenizer, [], family,
                           f"{cfg.model.size} {model.config.model_type} from scratch")
@@ -292,11 +292,12 @@ class LanguageModelTask(Task):
 
     def loss_sum(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the predicted tokens, in fp32, computed on those rows of
-        the logits only."""
+        the logits only. `logits` covers every position (batch, length, vocabulary) or, from
+        `train_logits`, the predicted positions only (n, vocabulary) in row-major order."""
         labels = batch["labels"]
         keep = labels != -100
-        return (F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"),
-                int(keep.sum()))
+        rows = logits if logits.dim() == 2 else logits[keep]
+        return F.cross_entropy(rows.float(), labels[keep], reduction="sum"), int(keep.sum())
 
     def new_metrics(self, labels: list[str]) -> LanguageModelMetrics:
         return LanguageModelMetrics()
@@ -320,6 +321,18 @@ class MaskedLMTask(LanguageModelTask):
         if tokenizer.mask_token_id is None:
             raise ConfigError(f"the tokenizer of {source} has no mask token: masked LM needs "
                               f"one (use task causal_lm, or another tokenizer)")
+
+    def train_logits(self, model, batch: dict) -> torch.Tensor:
+        """Vocabulary logits at the masked positions only: the MLM head (a hidden x vocabulary
+        projection) would otherwise run on every position, ~60% of a tiny model's step at 15%
+        masking. Only for a bare *ForMaskedLM model; a wrapped one (PEFT, DDP, FSDP) runs whole,
+        so that its hooks see the forward pass."""
+        split = _encoder_and_head(model)
+        if split is None:
+            return super().train_logits(model, batch)
+        encoder, head = split
+        hidden = encoder(**self.model_inputs(batch)).last_hidden_state
+        return head(hidden[batch["labels"] != -100])
 
     def collate(self, data: Encoded, indices: list[int], pad_id: int) -> dict:
         ids, attention = pack(data, indices, pad_id)
@@ -374,3 +387,17 @@ class CausalLMTask(LanguageModelTask):
         more = " ..." if len(tokens) > SHOWN_TOKENS else ""
         return (f"block of {len(tokens)} tokens; each one after the first is predicted from "
                 f"those before it:\n  " + " ".join(tokens[:SHOWN_TOKENS]) + more)
+
+
+def _encoder_and_head(model):
+    """(encoder, MLM head) of a bare Transformers *ForMaskedLM whose head is one module that
+    maps hidden states to vocabulary logits position by position (BERT's `cls`, RoBERTa's and
+    MPNet's `lm_head`), else None."""
+    if not type(model).__name__.endswith("ForMaskedLM"):
+        return None
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = next((getattr(model, n) for n in ("cls", "lm_head") if hasattr(model, n)), None)
+    names = {n for n, _ in model.named_children()}
+    if encoder is None or head is None or len(names) != 2:
+        return None
+    return encoder, head

@@ -132,7 +132,7 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
         engines.mark_boundary(acc, sync)
         with contextlib.nullcontext() if sync else acc.no_sync(model):
             with autocast(acc.device.type, p.bf16):
-                logits = model(**task.model_inputs(batch)).logits
+                logits = task.train_logits(model, batch)
             s, _ = task.loss_sum(logits, batch)
             loss = s * acc.num_processes / total
             if spec.extra_loss is not None:

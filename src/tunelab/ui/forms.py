@@ -83,7 +83,8 @@ def choices() -> dict[str, list]:
     from tunelab.tasks import task_names
 
     return {"task.name": task_names(), "method.name": [m.name for m in all_methods()],
-            "model.size": [None, *cfg.MODEL_SIZES], "data.format": list(cfg.FORMATS),
+            "model.size": [None, *cfg.MODEL_SIZES],
+            "model.architecture": [None, *cfg.ARCHITECTURES], "data.format": list(cfg.FORMATS),
             "train.precision": list(cfg.PRECISIONS), "train.schedule": list(cfg.SCHEDULES),
             "train.tracker": list(cfg.TRACKERS), "train.attention": ["auto", "sdpa", "eager"]}
 
