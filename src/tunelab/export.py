@@ -5,7 +5,8 @@
     adapter  the trained parameters only (head included): PEFT's format for PEFT methods,
              tunelab's (weights.safetensors + meta.json) for the others
     onnx     the merged model as ONNX (ONNX Runtime, dynamic batch and length)
-    int8     the ONNX model with int8 weights (dynamic quantisation; VNNI/AMX-INT8 CPUs)
+    int8     the ONNX model, SmoothQuant-ed on the run's training texts, with int8 weights and
+             dynamic int8 activations (VNNI/AMX-INT8 CPUs); feed-forward outputs stay fp32
 
 Every export folder holds export.json (kind, labels, source run, base model, text columns)
 and the tokenizer, so `tunelab verify` knows how to run it, and onnx/int8 exports run without
@@ -100,10 +101,10 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**kwargs).logits
 
 
-def _onnx(predictor, tmp: Path) -> None:
+def _onnx(predictor, tmp: Path, model: torch.nn.Module | None = None) -> None:
     import warnings
 
-    model = _LogitsOnly(merged_model(predictor).eval())
+    model = _LogitsOnly((model if model is not None else merged_model(predictor)).eval())
     enc = predictor.tokenizer(["a short probe sentence", "another"], padding=True,
                               return_tensors="pt")
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc
@@ -116,15 +117,90 @@ def _onnx(predictor, tmp: Path) -> None:
                           opset_version=17, dynamo=False)
 
 
+CALIBRATION_TEXTS = 512
+"""Training texts whose activations set the SmoothQuant scales of an int8 export."""
+
+
 def _int8(predictor, tmp: Path) -> None:
+    """SmoothQuant-ed encoder (tunelab.smoothquant), exported to ONNX, then dynamic int8
+    quantisation (one weight scale per output channel) of the smoothed MatMuls: every Linear
+    of the transformer layers except the feed-forward output projections, which stay fp32 like
+    the embeddings, pooler and task head.
+
+    Measured on a MiniLM LoRA run, SST-2 test (1,821 sentences), agreement with fp32 predictions:
+    every MatMul quantised 98.2%; the feed-forward outputs left in fp32 98.7%; SmoothQuant on
+    the others as well 99.6%. Quantising the feed-forward outputs, smoothed or not, cost the
+    most (GELU outputs: long-tailed in every channel, which smoothing cannot flatten).
+    """
+    import copy
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from tunelab import smoothquant
+
+    model = copy.deepcopy(merged_model(predictor)).eval()
+    intermediate = getattr(model.config, "intermediate_size", None)
+    skip = [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not _in_encoder(model, name)
+            or (isinstance(m, torch.nn.Linear) and m.in_features == intermediate)]
+    maxima = smoothquant.input_maxima(model, _calibration_batches(predictor), skip=skip)
+    smoothquant.smooth(model, maxima)
     fp32_dir = staging_dir(tmp / "fp32")
     try:
-        _onnx(predictor, fp32_dir)
-        # per-channel scales: on a MiniLM LoRA run (SST-2, 1,821 sentences) predictions agree
-        # with fp32 on 98.1% instead of 95.7% with one scale per tensor, at the same speed
-        quantize_dynamic(str(fp32_dir / "model.onnx"), str(tmp / "model.onnx"),
-                         weight_type=QuantType.QInt8, per_channel=True)
+        _onnx(predictor, fp32_dir, model)
+        source = str(fp32_dir / "model.onnx")
+        nodes = _smoothed_matmuls(source)
+        if not nodes:  # an empty list would make quantize_dynamic take every MatMul
+            raise TunelabError(f"int8 export: no smoothed MatMul found in the ONNX graph of "
+                               f"{type(model).__name__}; export --to onnx instead")
+        quantize_dynamic(source, str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=nodes,
+                         extra_options={"MatMulConstBOnly": True})
     finally:
         shutil.rmtree(fp32_dir, ignore_errors=True)
+
+
+def _in_encoder(model, name: str) -> bool:
+    """Whether module `name` is in the backbone's transformer layers (not embeddings, pooler
+    or task head)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return name.startswith(f"{prefix}.") and "pooler" not in name and "embeddings" not in name
+
+
+def _calibration_batches(predictor) -> list[dict]:
+    """Model-input batches of up to CALIBRATION_TEXTS of the run's training texts; the
+    packaged demo texts when the run's data can no longer be read."""
+    import importlib.resources
+
+    from tunelab.data.classification import read_prediction_inputs
+    from tunelab.tasks import get_task
+
+    try:
+        examples = get_task(predictor.config).load_data().splits["train"]
+    except (TunelabError, OSError):
+        demo = importlib.resources.files("tunelab.demo") / "sst2_test.csv"
+        examples = read_prediction_inputs(str(demo), type(predictor.config.data)(), "auto")[1]
+    examples = examples[:CALIBRATION_TEXTS]
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    batches = []
+    for i in range(0, len(texts), 32):
+        enc = predictor.tokenizer(texts[i:i + 32], pairs[i:i + 32] if pairs else None,
+                                  padding=True, truncation=True,
+                                  max_length=predictor.max_length, return_tensors="pt")
+        batches.append(dict(enc))
+    return batches
+
+
+def _smoothed_matmuls(onnx_path: str) -> list[str]:
+    """Names of the MatMul nodes SmoothQuant prepared: a constant weight, and an input that
+    comes out of SmoothedLinear's multiply."""
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    smoothed = {out for n in graph.node if n.op_type == "Mul"
+                and any(i.endswith(".inv_scale") for i in n.input) for out in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            and n.input[0] in smoothed]

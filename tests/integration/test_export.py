@@ -38,6 +38,21 @@ def test_merged_loads_without_tunelab_and_matches(lora_run, toy_data, capsys):
     assert (adapter / "adapter_config.json").exists()
     assert (adapter / "adapter_model.safetensors").exists()
 
+    # int8: SmoothQuant's multiplies before the quantised MatMuls (query, key, value, attention
+    # output, intermediate); the feed-forward output projections (weights intermediate x
+    # hidden), pooler and classifier stay fp32
+    import onnx
+
+    graph = onnx.load(str(lora_run / "export" / "int8" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    layers, intermediate = model.config.num_hidden_layers, model.config.intermediate_size
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 5 * layers
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    fp32 = [weights.get(n.input[1]) for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    hidden = model.config.hidden_size
+    assert [w for w in fp32 if w] == [[intermediate, hidden]] * layers + [[hidden, hidden],
+                                                                          [hidden, 2]]
+
     capsys.readouterr()
     exports = [str(lora_run / "export" / k) for k in ("merged", "adapter", "onnx", "int8")]
     assert main(["verify", str(lora_run), *exports, "--data", toy_data["test"]]) == 0
