@@ -140,9 +140,8 @@ def _int8(predictor, tmp: Path) -> None:
 
     model = copy.deepcopy(merged_model(predictor)).eval()
     intermediate = getattr(model.config, "intermediate_size", None)
-    skip = [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not _in_encoder(model, name)
-            or (isinstance(m, torch.nn.Linear) and m.in_features == intermediate)]
+    skip = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and (not _in_encoder(model, name) or m.in_features == intermediate)]
     maxima = smoothquant.input_maxima(model, _calibration_batches(predictor), skip=skip)
     smoothquant.smooth(model, maxima)
     fp32_dir = staging_dir(tmp / "fp32")

@@ -87,8 +87,8 @@ def _train_into(folder, kind: str, source, vocab_size: int, positions: int) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-DEFAULT_ARCHITECTURE = {"mlm": "bert", "causal_lm": "llama"}
 _ARCHITECTURES = {"mlm": ("bert", "roberta-prelayernorm"), "causal_lm": ("llama",)}
+"""`model.architecture` values per objective; the first is the default."""
 
 
 def scratch_model(objective: str, size: str, tokenizer, max_length: int, seed: int,
@@ -101,7 +101,7 @@ def scratch_model(objective: str, size: str, tokenizer, max_length: int, seed: i
 
     from tunelab import tiny
 
-    architecture = architecture or DEFAULT_ARCHITECTURE[objective]
+    architecture = architecture or _ARCHITECTURES[objective][0]
     if architecture not in _ARCHITECTURES[objective]:
         raise ConfigError(f"model.architecture={architecture} cannot train {objective}; choose "
                           f"{' or '.join(_ARCHITECTURES[objective])}")
