@@ -213,7 +213,7 @@ def test_training_started_over_http_runs_to_finished(server, runs_root):
 
 def test_stop_interrupts_the_training_resumably(server, runs_root):
     answer = server.post("/api/train", json={"recipe": "tiny.yaml", "name": "stopped",
-                                             "values": {"train.epochs": "400"}})
+                                             "values": {"train.epochs": "20000"}})
     assert answer.status_code == 202, answer.text
     deadline = time.monotonic() + 120
     job = answer.json()["job"]
