@@ -21,6 +21,8 @@ import common  # noqa: E402
 
 NAME = "fewshot"
 SEEDS = "0,1,2"
+NLI_RUN = "bench/results/fewshot-nli-rte-run"
+"""MiniLM fine-tuned on RTE (configs/minilm/rte_full.yaml): the nli zero-shot scorer."""
 RUNS = {
     # name: (data set, model, fewshot-eval arguments after the verb)
     "agnews": ("AG News", "MiniLM-L6", [
@@ -52,7 +54,34 @@ RUNS = {
         "--seeds", SEEDS]),  # k = 16 is 240 examples: SetFit's 4,800 pairs take ~5 min a seed
     "tnews-k16": ("tnews (zh)", "MiniLM-L6", [
         "configs/fewshot/tnews.yaml", "--methods", "finetune", "--k", "16", "--seeds", SEEDS]),
+    "eprstmt-selftrain-k16": ("eprstmt (zh)", "MiniLM-L6", [
+        "configs/fewshot/eprstmt.yaml", "selftrain.rounds=1", "--methods", "selftrain",
+        "--k", "16", "--seeds", SEEDS]),
+    "agnews-prompt-k16": ("AG News", "SmolLM2-135M + LoRA", [
+        "configs/fewshot/agnews_prompt.yaml", "prompt.epochs=10", "--methods", "prompt",
+        "--k", "16", "--seeds", SEEDS]),
+    "tnews-setfit-k16": ("tnews (zh)", "MiniLM-L6", [
+        "configs/fewshot/tnews.yaml", "--methods", "setfit", "--k", "16", "--seeds", SEEDS]),
+    "sst2-nli": ("SST-2", "MiniLM-L6 RTE run", [
+        "configs/fewshot/sst2.yaml", f"model.name={NLI_RUN}", "zeroshot.scorer=nli",
+        "--methods", "zeroshot", "--k", "8", "--seeds", "0"]),
+    "agnews-nli": ("AG News", "MiniLM-L6 RTE run", [
+        "configs/fewshot/agnews.yaml", f"model.name={NLI_RUN}", "zeroshot.scorer=nli",
+        "--methods", "zeroshot", "--k", "8", "--seeds", "0",
+        "--label-file", "configs/fewshot/agnews_labels.yaml"]),
+    "agnews-selftrain": ("AG News", "MiniLM-L6", [
+        "configs/fewshot/agnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
+        "--k", "8,16", "--seeds", SEEDS]),
+    "tnews-selftrain": ("tnews (zh)", "MiniLM-L6", [
+        "configs/fewshot/tnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
+        "--k", "8", "--seeds", SEEDS]),
 }
+PREREQUISITES = {
+    # run: the `tunelab train` it needs first (skipped when its run directory is complete)
+    "sst2-nli": ["train", "configs/minilm/rte_full.yaml", "train.tracker=none",
+                 f"run_dir={NLI_RUN}"],
+}
+PREREQUISITES["agnews-nli"] = PREREQUISITES["sst2-nli"]
 METHOD_NAMES = {"zeroshot": "zero-shot", "finetune": "plain fine-tuning",
                 "setfit": "contrastive (SetFit)", "selftrain": "SetFit + self-training",
                 "prompt": "prompt-based (PET/LM-BFF)"}
@@ -80,6 +109,14 @@ def command(name: str) -> list[str]:
 
 
 def run(name: str) -> None:
+    needs = PREREQUISITES.get(name)
+    done = needs and next(a[len("run_dir="):] for a in needs if a.startswith("run_dir="))
+    if needs and not (common.REPO_ROOT / done / "results.json").is_file():
+        print(f"[{NAME}] tunelab {' '.join(needs)}", file=sys.stderr, flush=True)
+        child = common.run_child([sys.executable, "-m", "tunelab", *needs])
+        if child.returncode != 0:
+            raise SystemExit(f"{' '.join(needs)} failed (exit code {child.returncode}):\n"
+                             f"{child.output_tail[-3000:]}")
     argv = [sys.executable, "-m", "tunelab", *command(name)[1:]]
     print(f"[{NAME}] {' '.join(command(name))}", file=sys.stderr, flush=True)
     child = common.run_child(argv)
@@ -119,7 +156,9 @@ def table(names: list[str]) -> tuple[list[str], list[list[str]]]:
 
 def markdown(names: list[str], report: dict) -> str:
     headers, rows = table(names)
-    commands = "\n".join(f"    {' '.join(command(n))}" for n in names)
+    needed = list(dict.fromkeys(" ".join(PREREQUISITES[n]) for n in names if n in PREREQUISITES))
+    commands = "\n".join([*(f"    tunelab {c}" for c in needed),
+                          *(f"    {' '.join(command(n))}" for n in names)])
     return "\n".join([
         "## Few-shot: zero-shot, plain fine-tuning, SetFit, prompt-based, self-training", "",
         f"`.venv/bin/python bench/fewshot.py` runs, for each data set:", "", commands, "",

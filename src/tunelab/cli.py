@@ -373,7 +373,7 @@ def cmd_fewshot_eval(args) -> None:
                         fe.parse_ints(args.k, "--k"), fe.parse_ints(args.seeds, "--seeds"),
                         load_label_file(args.label_file) if args.label_file else None)
     out = Path(args.out or f"runs/fewshot-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    fe.fewshot_eval(plan, out)
+    fe.fewshot_eval(plan, out, fresh=args.fresh)
     print((out / "results.md").read_text())
     print(f"written to {out}/: results.json, results.md, results.png"
           + (", runs/ (the fine-tuning runs)" if "finetune" in plan.methods else ""))
@@ -671,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="8,16,32", help="examples per class (comma-separated)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="sampling/training seeds")
     p.add_argument("--label-file", help="zeroshot: label descriptions (as for tunelab zeroshot)")
-    p.add_argument("--out", help="output folder (default: runs/fewshot-<date>-<time>)")
+    p.add_argument("--out", help="output folder (default: runs/fewshot-<date>-<time>); runs "
+                   "an earlier fewshot-eval left there are kept and not run again")
+    p.add_argument("--fresh", action="store_true",
+                   help="replace the runs an earlier fewshot-eval left in --out")
     p.set_defaults(fn=cmd_fewshot_eval)
 
     p = verbs.add_parser("self-train", help="train, pseudo-label unlabelled text, retrain: "

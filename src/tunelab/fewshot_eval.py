@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -138,12 +139,15 @@ def make_plan(recipe: str | None, overrides: list[str], methods: list[str], ks: 
 def selftrain_plan(values: dict, config):
     """(settings, unlabelled rows) of the selftrain method, read now so that a missing file
     or column fails before anything trains."""
-    from tunelab.selftrain import check_not_test, load_unlabelled, selftrain_settings
+    from tunelab.selftrain import POOL, check_not_test, load_unlabelled, selftrain_settings
 
     settings = selftrain_settings(values)
     if settings.unlabelled is None:
         raise ConfigError("the selftrain method needs unlabelled text: set selftrain.unlabelled "
-                          "(a recipe section or selftrain.unlabelled=FILE)")
+                          "(a recipe section or selftrain.unlabelled=FILE, or =pool for the "
+                          "pool's unsampled rows)")
+    if settings.unlabelled == POOL:
+        return settings, None  # read with the pool, in fewshot_eval
     check_not_test(settings.unlabelled, config.data)
     return settings, load_unlabelled(settings.unlabelled, config.data)
 
@@ -161,13 +165,23 @@ def load_pool_and_test(config):
     return data, data.splits["train"], data.splits["test"]
 
 
-def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
-    """Run every (method, k, seed); write results.{json,md,png} after each; return them."""
+def fewshot_eval(plan: Plan, out_dir: str | Path, fresh: bool = False) -> dict:
+    """Run every (method, k, seed); write results.{json,md,png} after each; return them.
+
+    Resumable: the runs an earlier fewshot-eval left in OUT/results.json are kept, and a
+    (method, k, seed) found there is not run again, so a stopped evaluation continues where it
+    stopped and a new k or method extends the table. The earlier runs must share this one's
+    data, model and (for the methods run now) settings, else it refuses; `fresh` replaces
+    them instead."""
     from tunelab.fewshot import sample_k_per_class
 
     out_dir = Path(out_dir)
     data, pool, test = load_pool_and_test(plan.config)
     labels = data.labels
+    if plan.selftrain is not None and plan.unlabelled is None:
+        from tunelab.selftrain import pool_unlabelled
+
+        plan.unlabelled = pool_unlabelled(pool, labels, data.sources["train"])
     if set(plan.methods) - {"zeroshot"}:
         sample_k_per_class(pool, max(plan.ks), 0, labels)  # fail now, not hours later
     pairs = plan.config.data.text_pair_column is not None
@@ -185,12 +199,24 @@ def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
             **({"selftrain": {**dataclasses.asdict(plan.selftrain),
                               "unlabelled": plan.unlabelled.source}} if plan.selftrain else {}),
             "prompt": {k: v for k, v in plan.prompt.to_dict().items() if k != "seed"}}
-    rows: list[dict] = []
-    results = {**info, "runs": rows, "summary": []}
+    settings = run_settings(plan, info)
     jobs = [(m, k, s) for m in plan.methods
             for k, s in ([(0, None)] if m == "zeroshot" else
                          [(k, s) for k in plan.ks for s in plan.seeds])]
+    earlier = {} if fresh else earlier_runs(out_dir / "results.json", settings)
+    rows = [r for r in earlier.get("runs", []) if (r["method"], r["k"], r["seed"]) not in jobs]
+    done = {(r["method"], r["k"], r["seed"]): r for r in earlier.get("runs", [])}
+    if "selftrain" in earlier.get("settings", {}) and "selftrain" not in settings:
+        settings["selftrain"], info["selftrain"] = earlier["settings"]["selftrain"], \
+            earlier["selftrain"]  # earlier self-training runs, not run now
+    for key in ("methods", "ks", "seeds"):  # what the table covers: earlier runs and these
+        info[key] = list(dict.fromkeys([*earlier.get(key, []), *info[key]]))
     for n, (method, k, seed) in enumerate(jobs, 1):
+        if (method, k, seed) in done:
+            rows.append(done[(method, k, seed)])
+            print(f"[{n}/{len(jobs)}] {method} k={k} seed={seed}: kept from the earlier run "
+                  f"(accuracy {rows[-1]['accuracy']:.4f})", file=sys.stderr, flush=True)
+            continue
         start = time.perf_counter()
         if method == "zeroshot":
             metrics = run_zeroshot(plan, spec, test, labels)
@@ -206,9 +232,66 @@ def fewshot_eval(plan: Plan, out_dir: str | Path) -> dict:
         print(f"[{n}/{len(jobs)}] {method} k={k} seed={seed}: accuracy "
               f"{metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f} "
               f"({rows[-1]['seconds']} s)", file=sys.stderr, flush=True)
-        results = {**info, "runs": rows, "summary": summarize(rows)}
+        write_outputs({**info, "settings": settings, "runs": rows, "summary": summarize(rows)},
+                      out_dir)
+    results = {**info, "settings": settings, "runs": rows, "summary": summarize(rows)}
+    if all(job in done for job in jobs):  # nothing ran: the table still gains the new order
         write_outputs(results, out_dir)
     return results
+
+
+COMMON = ("labels", "pool", "test", "pool_source", "test_source", "model")
+"""What every run of a results.json shares: the data and the model."""
+
+
+def run_settings(plan: Plan, info: dict) -> dict:
+    """What a run's figure depends on besides its k and seed, per method (and "common"; no
+    selftrain unless it runs now, as its unlabelled file is read only then): an earlier run is
+    reused only where these match, and an earlier run of a method whose settings differ now is
+    refused rather than shown beside this invocation's settings."""
+    tree = plan.config.to_dict()
+    labels = None if plan.label_spec is None else dataclasses.asdict(plan.label_spec)
+    settings = {
+        "common": {k: info[k] for k in COMMON},
+        "setfit": {"setfit": info["setfit"]},
+        "finetune": {"finetune": info["finetune"], "method": tree["method"],
+                     "train": {k: v for k, v in tree["train"].items() if k != "seed"},
+                     "model": tree["model"]},
+        "zeroshot": {"zeroshot": info["zeroshot"], "label_spec": labels},
+        "prompt": {"prompt": info["prompt"],
+                   "label_spec": None if plan.prompt.verbalizers else labels}}
+    if plan.selftrain is not None:
+        settings["selftrain"] = {"setfit": info["setfit"], "selftrain": info["selftrain"]}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def earlier_runs(path: Path, settings: dict) -> dict:
+    """The results.json an earlier fewshot-eval wrote to this folder ({} when there is none),
+    checked against this evaluation's settings."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        runs, before = earlier["runs"], earlier["settings"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path} holds earlier results this fewshot-eval cannot extend ({e!r}"
+                          "); give another --out, or --fresh to replace them") from None
+    for part in ["common", *sorted({r["method"] for r in runs} & set(settings))]:
+        changed = _differences(before.get(part), settings[part])
+        if changed:
+            what = "data and model" if part == "common" else f"{part} settings"
+            raise ConfigError(f"{path} holds runs of other {what} ({'; '.join(changed[:3])}): "
+                              "give another --out, or --fresh to replace them")
+    return earlier
+
+
+def _differences(before, now, prefix: str = "") -> list[str]:
+    """'setfit.num_iterations: 10 before, 20 now' for every leaf that differs."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in dict.fromkeys([*before, *now])
+                for d in _differences(before.get(key), now.get(key), f"{prefix}{key}.")]
+    return [] if before == now else [f"{prefix.rstrip('.') or 'value'}: {before!r} before, "
+                                     f"{now!r} now"]
 
 
 def zeroshot_spec(labels: list[str], spec):
@@ -270,8 +353,6 @@ def run_selftrain(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k:
 def run_finetune(plan: Plan, labels, sample, test, seed: int, out_dir: Path, k: int) -> dict:
     """A plain `tunelab train` run on the sample: no validation split (there is no data to
     spare), the last step's weights scored on the test rows."""
-    import json
-
     from tunelab.config import resolve_config
     from tunelab.train.loop import train
 

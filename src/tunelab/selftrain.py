@@ -57,7 +57,9 @@ class SelfTrainSettings:
     """The unlabelled file (fewshot-eval's `selftrain.unlabelled`; `tunelab self-train` takes
     --unlabelled). Read with the recipe's data.text_column; when it also has the recipe's
     label column, those labels are never trained on, only used to report how accurate the
-    pseudo-labels were."""
+    pseudo-labels were. fewshot-eval also takes `pool`: the pool's rows outside the k x C
+    sample, their labels unused (the rest of the training set, as in the self-training
+    experiments of the few-shot literature)."""
 
     def __post_init__(self):
         if self.rounds < 0:
@@ -213,6 +215,10 @@ def _pseudo_accuracy(added: list[tuple[int, int, float]],
 # the unlabelled file
 
 
+POOL = "pool"
+"""fewshot-eval's selftrain.unlabelled for the pool's unsampled rows."""
+
+
 @dataclass
 class Unlabelled:
     texts: list[str]
@@ -245,6 +251,16 @@ def load_unlabelled(path: str, data_cfg, exclude: set[str] = frozenset()) -> Unl
     dropped = len(rows) - len(texts)
     return Unlabelled(texts, raw, f"{path} ({len(texts)} rows"
                       + (f"; {dropped} repeated or labelled rows left out)" if dropped else ")"))
+
+
+def pool_unlabelled(pool, labels: list[str], source: str) -> Unlabelled:
+    """fewshot-eval's pool as the unlabelled pile (`selftrain.unlabelled: pool`): its distinct
+    texts, their labels kept only to report pseudo-label accuracy. The sampled rows are left
+    out per seed by fewshot_selftrain."""
+    first = {e.text: labels[e.label] for e in reversed(pool)}
+    texts = list(dict.fromkeys(e.text for e in pool))
+    return Unlabelled(texts, [first[t] for t in texts],
+                      f"the pool, {source} ({len(texts)} rows, labels unused)")
 
 
 def gold_ids(raw_labels: list[str | None], labels: list[str],
@@ -415,6 +431,9 @@ def self_train_recipe(config, settings: SelfTrainSettings, out: str | Path,
     if config.task.name != "classification":
         raise ConfigError(f"self-train trains classifiers; the recipe's task is "
                           f"{config.task.name}")
+    if settings.unlabelled == POOL:
+        raise ConfigError("selftrain.unlabelled: pool means fewshot-eval's pool; tunelab "
+                          "self-train needs a file of unlabelled text (--unlabelled FILE)")
     check_not_test(settings.unlabelled, config.data)
     data = load_classification_data(config.data)
     labelled = data.splits["train"]

@@ -118,3 +118,52 @@ def test_fewshot_eval_refuses_impossible_k_and_unknown_keys(tiny_bert, toy_data,
     assert main(["fewshot-eval", str(recipe), "--methods", "setfit,prompting",
                  "--out", str(tmp_path / "c")]) == 2
     assert "unknown few-shot method 'prompting'" in capsys.readouterr().err
+
+
+def test_fewshot_eval_resumes_extends_and_refuses_other_settings(tiny_bert, toy_data, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "fs"
+    recipe = _recipe(tmp_path, tiny_bert, toy_data)
+    args = ["fewshot-eval", str(recipe), "--methods", "setfit", "--k", "4", "--out", str(out)]
+    assert main([*args, "--seeds", "0,1"]) == 0
+    first = json.loads((out / "results.json").read_text())["runs"]
+    capsys.readouterr()
+    # a third seed (as after a stop, or to extend): seeds 0 and 1 are kept, not run again
+    assert main([*args, "--seeds", "0,1,2"]) == 0
+    assert "setfit k=4 seed=0: kept from the earlier run" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"][:2] == first and [r["seed"] for r in results["runs"]] == [0, 1, 2]
+    assert results["seeds"] == [0, 1, 2] and results["summary"][0]["seeds"] == 3
+    # another method joins the same table; the earlier setfit runs stay in it
+    assert main(["fewshot-eval", str(recipe), "--methods", "zeroshot", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["setfit"] * 3 + ["zeroshot"]
+    assert results["methods"] == ["setfit", "zeroshot"]
+    # other settings for a method with earlier runs: refused, naming what changed
+    assert main([*args, "--seeds", "0", "setfit.num_iterations=3"]) == 2
+    err = capsys.readouterr().err
+    assert "setfit settings" in err and "num_iterations: 2 before, 3 now" in err
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    # --fresh replaces them
+    assert main([*args, "--seeds", "0", "setfit.num_iterations=3", "--fresh"]) == 0
+    assert [(r["method"], r["seed"]) for r in
+            json.loads((out / "results.json").read_text())["runs"]] == [("setfit", 0)]
+
+
+def test_fewshot_eval_zeroshot_with_an_nli_run(tiny_bert, toy_data, tmp_path):
+    pairs = write_csv(tmp_path / "nli.csv", [
+        {"text": r["text"], "hypothesis": f"This example is {r['label']}.",
+         "label": "entailment" if i % 2 else "not_entailment"}
+        for i, r in enumerate(toy_rows(16, 3))])
+    run = tmp_path / "nli-run"
+    assert main(["train", f"model.name={tiny_bert}", f"data.train={pairs}",
+                 "data.text_pair_column=hypothesis", "train.max_steps=2", "train.tracker=none",
+                 "train.precision=fp32", "train.threads=1", "model.max_length=32",
+                 f"run_dir={run}"]) == 0
+    out = tmp_path / "fs"
+    recipe = _recipe(tmp_path, tiny_bert, toy_data)
+    assert main(["fewshot-eval", str(recipe), f"model.name={run}", "zeroshot.scorer=nli",
+                 "--methods", "zeroshot", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["zeroshot"]["scorer"] == "nli" and results["model"] == str(run)
+    assert results["runs"][0]["method"] == "zeroshot" and 0 <= results["runs"][0]["accuracy"] <= 1

@@ -155,6 +155,25 @@ def test_fewshot_eval_selftrain_reports_every_round(tiny_bert, toy_data, tmp_pat
     assert main(["fewshot-eval", str(recipe), f"selftrain.unlabelled={toy_data['test']}",
                  "--methods", "selftrain", "--k", "2", "--seeds", "0",
                  "--out", str(tmp_path / "leak")]) == 2
+    # `pool`: the pool's rows outside the sample, without their labels
+    assert main(["fewshot-eval", str(recipe), "selftrain.unlabelled=pool", "--methods",
+                 "selftrain", "--k", "2", "--seeds", "0", "--out", str(tmp_path / "pool")]) == 0
+    pooled = json.loads((tmp_path / "pool" / "results.json").read_text())
+    assert pooled["selftrain"]["unlabelled"].startswith(f"the pool, {pool} (40 rows")
+    assert pooled["runs"][0]["rounds"][-1]["pseudo"] == 6
+    assert main(["self-train", "--unlabelled", "pool", str(recipe), "--out",
+                 str(tmp_path / "st")]) == 2
+
+
+def test_the_pool_as_unlabelled_rows_keeps_labels_for_reporting_only():
+    from types import SimpleNamespace as Row
+
+    from tunelab.selftrain import pool_unlabelled
+
+    pool = [Row(text="a", label=0), Row(text="b", label=1), Row(text="a", label=0)]
+    pile = pool_unlabelled(pool, ["neg", "pos"], "pool.csv")
+    assert pile.texts == ["a", "b"] and pile.raw_labels == ["neg", "pos"]
+    assert pile.source == "the pool, pool.csv (2 rows, labels unused)"
 
 
 def test_self_train_cli_writes_a_run_per_round(tiny_overrides, tmp_path, capsys):
