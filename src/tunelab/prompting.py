@@ -14,7 +14,7 @@ Two kinds of model behind one class:
   masked LM  (a `tunelab pretrain` run, a hub BERT/RoBERTa): score = log-probability of the
              verbaliser token at the mask. Verbalisers must be single tokens (PET's rule).
   causal LM  (smollm2, gemma3-270m): score = log-probability of the verbaliser phrase after the
-             prompt, averaged over its tokens (zeroshot.LMScorer's score; multi-token phrases
+             prompt, averaged over its tokens (lm_scoring.LMScorer's score; multi-token phrases
              allowed).
 A label with several verbalisers scores the log of their mean probability.
 
@@ -315,8 +315,8 @@ class PromptClassifier:
     def label_scores(self, index: int, texts: list[str]) -> torch.Tensor:
         """(N, C) log-scores of pattern `index`'s model (its label logits): each label's
         verbalisers pooled as the log of their mean probability. With gradients."""
+        from tunelab.lm_scoring import log_mean_exp
         from tunelab.train.evaluate import autocast
-        from tunelab.zeroshot import log_mean_exp
 
         with autocast(self.device.type, self.bf16):
             words = (self._causal_scores if self.causal else self._mlm_scores)(index, texts)
@@ -353,10 +353,10 @@ class PromptClassifier:
         return lead + body + trail, len(lead) + _mask_index(pieces, len(text_ids))
 
     def _causal_scores(self, index: int, texts: list[str]) -> torch.Tensor:
-        """(N, W) per-token log p(verbaliser | prompt), as zeroshot.LMScorer scores it. When
+        """(N, W) per-token log p(verbaliser | prompt), as lm_scoring.LMScorer scores it. When
         every verbaliser is one token, one forward pass per text scores them all."""
-        from tunelab.zeroshot import (accepts_logits_to_keep, fit_prompt, left_pad,
-                                      score_continuations)
+        from tunelab.lm_scoring import (accepts_logits_to_keep, fit_prompt, left_pad,
+                                        score_continuations)
 
         model, tok, n_words = self.models[index], self.tokenizer, len(self.word_ids)
         prompts = [self._pieces[index].replace("{text}", t) for t in texts]

@@ -22,20 +22,16 @@ when the file has labels, computes the same metrics as `tunelab eval`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import ConfigError, DataError
+from tunelab.lm_scoring import LMScorer, aggregate
 
 SCORERS = ("similarity", "lm", "nli")
 AGGREGATES = ("max", "mean")
-CONTENT_FREE = ("N/A", "", "[MASK]")
-"""The content-free inputs whose label probabilities are averaged for calibration (the paper's
-three)."""
 ENTAILMENT_NAMES = ("entailment", "entails", "entailed")
 
 
@@ -171,12 +167,6 @@ def render(spec: LabelSpec, templates: list[str]) -> list[list[str]]:
             for name in spec.names]
 
 
-def _aggregate(values: torch.Tensor, groups: list[int], how: str) -> torch.Tensor:
-    """(N, sum(groups)) -> (N, len(groups)): max or mean over each label's columns."""
-    parts = torch.split(values, groups, dim=1)
-    return torch.stack([p.amax(1) if how == "max" else p.mean(1) for p in parts], dim=1)
-
-
 # --------------------------------------------------------------------------------------------
 # sentence embeddings (shared with SetFit)
 
@@ -245,130 +235,10 @@ class SimilarityScorer:
         """(N, L) cosine similarity of each text to each label (max/mean over its texts)."""
         vectors = embed_texts(self.model, self.tokenizer, texts, self.settings.batch_size,
                               self.settings.max_length)
-        return _aggregate(vectors @ self.label_vectors.T, self.groups, self.settings.aggregate)
+        return aggregate(vectors @ self.label_vectors.T, self.groups, self.settings.aggregate)
 
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         return (self.similarities(texts) / self.settings.temperature).softmax(-1)
-
-
-class LMScorer:
-    """Log-probability of each label's verbalisers after the prompt, batched and left-padded
-    (so that every continuation ends at the last position), optionally calibrated."""
-
-    def __init__(self, model, tokenizer, verbalizers: list[list[str]], settings: ZeroShotSettings):
-        self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
-        self.groups = [len(v) for v in verbalizers]
-        flat = [v for group in verbalizers for v in group]
-        self.continuations = [tokenizer(settings.verbalizer_prefix + v,
-                                        add_special_tokens=False)["input_ids"] for v in flat]
-        empty = [v for v, ids in zip(flat, self.continuations) if not ids]
-        if empty:
-            raise ConfigError(f"verbaliser {empty[0]!r} has no tokens")
-        self._cf: torch.Tensor | None = None
-
-    def verbalizer_log_probs(self, texts: list[str]) -> torch.Tensor:
-        """(N, V) log p(verbaliser | prompt), per token when length_norm is set."""
-        prompts = [self.settings.prompt.replace("{text}", t) for t in texts]
-        prompt_ids = self.tokenizer(prompts)["input_ids"]
-        seqs = [(i, j) for i in range(len(prompts)) for j in range(len(self.continuations))]
-        out = torch.empty(len(prompts), len(self.continuations))
-        seqs.sort(key=lambda s: -(len(prompt_ids[s[0]]) + len(self.continuations[s[1]])))
-        with torch.inference_mode():
-            for start in range(0, len(seqs), self.settings.batch_size):
-                batch = seqs[start:start + self.settings.batch_size]
-                scores = self._score([prompt_ids[i] for i, _ in batch],
-                                     [self.continuations[j] for _, j in batch])
-                for (i, j), s in zip(batch, scores):
-                    out[i, j] = s
-        return out
-
-    def _score(self, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
-        return score_continuations(self.model, self.tokenizer, prompts, conts,
-                                   self.settings.max_length, self.settings.length_norm).cpu()
-
-    def label_log_scores(self, texts: list[str]) -> torch.Tensor:
-        """(N, L): each label's verbalisers combined: max, or log of the mean probability."""
-        lp = self.verbalizer_log_probs(texts)
-        if self.settings.aggregate == "max":
-            return _aggregate(lp, self.groups, "max")
-        return log_mean_exp(lp, self.groups)
-
-    def content_free(self) -> torch.Tensor:
-        """(L,) label probabilities averaged over the content-free inputs."""
-        if self._cf is None:
-            self._cf = self.label_log_scores(list(CONTENT_FREE)).softmax(-1).mean(0)
-        return self._cf
-
-    def probabilities(self, texts: list[str]) -> torch.Tensor:
-        probs = self.label_log_scores(texts).softmax(-1)
-        return calibrate(probs, self.content_free()) if self.settings.calibrate else probs
-
-
-def log_mean_exp(values: torch.Tensor, groups: list[int]) -> torch.Tensor:
-    """(N, sum(groups)) log-probabilities -> (N, len(groups)): the log of each group's mean
-    probability (a label's verbalisers pooled; shared with tunelab.prompting)."""
-    parts = torch.split(values, groups, dim=1)
-    return torch.stack([p.logsumexp(1) - math.log(p.shape[1]) for p in parts], dim=1)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask, position_ids), each (B, T), padded on the left so that every
-    sequence ends at the last position; positions count from each sequence's first token."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        input_ids[row, width - len(s):] = torch.tensor(s)
-        mask[row, width - len(s):] = 1
-    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def fit_prompt(tokenizer, prompt: list[int], room_for: int, max_length: int) -> list[int]:
-    """The prompt, cut from the left (keeping a leading BOS) to leave `room_for` tokens."""
-    if not prompt:  # an empty prompt would leave the first label token unpredicted
-        prompt = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-                  else tokenizer.eos_token_id]
-    room = max_length - room_for
-    if len(prompt) <= room:
-        return prompt
-    bos = tokenizer.bos_token_id
-    head = prompt[:1] if bos is not None and prompt[0] == bos else []
-    return head + prompt[len(prompt) - (room - len(head)):]
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM computes logits for the last positions only on request (a PEFT
-    wrapper passes the argument through to the model it wraps)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def score_continuations(model, tokenizer, prompts: list[list[int]], conts: list[list[int]],
-                        max_length: int, length_norm: bool) -> torch.Tensor:
-    """(B,) log p(cont | prompt) of each pair (per token when length_norm), batched and
-    left-padded; on the model's device. Differentiable: tunelab.prompting trains
-    through it."""
-    seqs = [fit_prompt(tokenizer, p, len(c), max_length) + c for p, c in zip(prompts, conts)]
-    tail = max(len(c) for c in conts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, mask, positions = left_pad(seqs, pad)
-    extra = {"logits_to_keep": tail + 1} if accepts_logits_to_keep(model) else {}
-    device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device), **extra).logits
-    logp = logits[:, -(tail + 1):-1].float().log_softmax(-1)  # (B, tail, V)
-    scores = []
-    for row, c in enumerate(conts):
-        steps = logp[row, tail - len(c):]  # the positions that predict c's tokens
-        total = steps.gather(1, torch.tensor(c, device=device).unsqueeze(1)).sum()
-        scores.append(total / len(c) if length_norm else total)
-    return torch.stack(scores)
-
-
-def calibrate(probs: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
-    """Contextual calibration: W = diag(p_cf)^-1, b = 0, then renormalise (Zhao et al. 2021)."""
-    scaled = probs / content_free.clamp(min=1e-12)
-    return scaled / scaled.sum(-1, keepdim=True)
 
 
 class NLIScorer:
@@ -384,7 +254,7 @@ class NLIScorer:
         premises = [t for t in texts for _ in range(h)]
         logits = self.predictor.logits(premises, self.hypotheses * len(texts))
         probs = logits.softmax(-1)[:, self.entailment].view(len(texts), h)
-        return _aggregate(probs, self.groups, self.settings.aggregate)
+        return aggregate(probs, self.groups, self.settings.aggregate)
 
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         p = self.entailment_probs(texts)

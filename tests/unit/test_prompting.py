@@ -99,7 +99,8 @@ def test_mlm_refuses_multi_token_verbalizers_and_models_without_a_head(tiny_mlm)
 def test_step_zero_scores_are_the_pretrained_heads(tiny_mlm, tiny_llama):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    from tunelab.zeroshot import LMScorer, ZeroShotSettings
+    from tunelab.lm_scoring import LMScorer
+    from tunelab.zeroshot import ZeroShotSettings
 
     texts = [r["text"] for r in toy_rows(6, 4)]
     # masked LM: log p(word at the mask) from the untouched checkpoint, computed by hand

@@ -10,9 +10,9 @@ import yaml
 from conftest import write_csv
 
 from tunelab.errors import ConfigError, DataError, ModelError
-from tunelab.zeroshot import (LMScorer, NLIScorer, SimilarityScorer, ZeroShotClassifier,
-                              ZeroShotSettings, calibrate, entailment_index, labels_from_names,
-                              load_label_file, render)
+from tunelab.lm_scoring import LMScorer, calibrate
+from tunelab.zeroshot import (NLIScorer, SimilarityScorer, ZeroShotClassifier, ZeroShotSettings,
+                              entailment_index, labels_from_names, load_label_file, render)
 
 SPORT = ["football", "goal", "match", "team", "score"]
 FOOD = ["recipe", "oven", "bake", "flour", "sugar"]
