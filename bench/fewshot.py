@@ -2,8 +2,10 @@
 and tnews, k = 8 and 16 examples per class, mean ± std over seeds 0, 1, 2.
 
 Each data set is one `tunelab fewshot-eval` run (the commands below, output under
-bench/results/fewshot-<name>/); this script runs those that have no results yet (all of them
-with --rerun) and writes one table of them all.
+bench/results/fewshot-<name>/). This script runs each; fewshot-eval keeps the runs an earlier
+call finished, so a stopped benchmark continues where it stopped (--rerun: all again, with
+--fresh; results written before fewshot-eval recorded its settings count as finished). It then
+writes one table of them all.
 
     .venv/bin/python bench/fewshot.py                 # ~2 h on an idle 2-core machine
     .venv/bin/python bench/fewshot.py --only sst2     # one data set
@@ -108,7 +110,7 @@ def command(name: str) -> list[str]:
     return ["tunelab", "fewshot-eval", *RUNS[name][2], "--out", f"bench/results/fewshot-{name}"]
 
 
-def run(name: str) -> None:
+def run(name: str, fresh: bool = False) -> None:
     needs = PREREQUISITES.get(name)
     done = needs and next(a[len("run_dir="):] for a in needs if a.startswith("run_dir="))
     if needs and not (common.REPO_ROOT / done / "results.json").is_file():
@@ -117,7 +119,7 @@ def run(name: str) -> None:
         if child.returncode != 0:
             raise SystemExit(f"{' '.join(needs)} failed (exit code {child.returncode}):\n"
                              f"{child.output_tail[-3000:]}")
-    argv = [sys.executable, "-m", "tunelab", *command(name)[1:]]
+    argv = [sys.executable, "-m", "tunelab", *command(name)[1:], *(["--fresh"] if fresh else [])]
     print(f"[{NAME}] {' '.join(command(name))}", file=sys.stderr, flush=True)
     child = common.run_child(argv)
     if child.returncode != 0:
@@ -187,8 +189,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     for name in args.only:
-        if args.rerun or not (out_dir(name) / "results.json").is_file():
-            run(name)
+        done = out_dir(name) / "results.json"
+        if args.rerun or not done.is_file() or "settings" in json.loads(done.read_text()):
+            run(name, fresh=args.rerun)  # fewshot-eval itself skips the runs already done
     names = [n for n in RUNS if (out_dir(n) / "results.json").is_file()]
     report = {"benchmark": NAME, "command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(),
