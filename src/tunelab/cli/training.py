@@ -10,21 +10,19 @@ from tunelab.errors import TunelabError
 
 def cmd_train(args) -> None:
     from tunelab.config import resolve_config
-    from tunelab.train.loop import train
 
-    recipe, overrides = split_recipe(args.recipe, args.overrides)
-    if args.resume:
-        if recipe or overrides:
-            raise TunelabError("--resume continues a run with its saved config.yaml; "
-                               "give no recipe or overrides with it")
-        config = None
-    else:
-        config = resolve_config(recipe, overrides)
-    train(config, resume=args.resume)
+    _train_or_resume(args, resolve_config)
 
 
 def cmd_pretrain(args) -> None:
     from tunelab.pretrain import pretrain_config
+
+    _train_or_resume(args, pretrain_config)
+
+
+def _train_or_resume(args, make_config) -> None:
+    """A new run from make_config(recipe, overrides), or --resume RUN_DIR with its saved
+    config.yaml (and nothing else)."""
     from tunelab.train.loop import train
 
     recipe, overrides = split_recipe(args.recipe, args.overrides)
@@ -33,8 +31,8 @@ def cmd_pretrain(args) -> None:
             raise TunelabError("--resume continues a run with its saved config.yaml; "
                                "give no recipe or overrides with it")
         train(None, resume=args.resume)
-        return
-    train(pretrain_config(recipe, overrides))
+    else:
+        train(make_config(recipe, overrides))
 
 
 def cmd_check(args) -> None:
