@@ -47,6 +47,10 @@ class LMScorer:
         """(N, V) log p(verbaliser | prompt), per token when length_norm is set."""
         prompts = [self.settings.prompt.replace("{text}", t) for t in texts]
         prompt_ids = self.tokenizer(prompts)["input_ids"]
+        if cache_argument(self.model):
+            return score_prompts_in_batches(self.model, self.tokenizer, prompt_ids,
+                                            self.continuations, self.settings.max_length,
+                                            self.settings.length_norm, self.settings.batch_size)
         seqs = [(i, j) for i in range(len(prompts)) for j in range(len(self.continuations))]
         out = torch.empty(len(prompts), len(self.continuations))
         seqs.sort(key=lambda s: -(len(prompt_ids[s[0]]) + len(self.continuations[s[1]])))
@@ -140,6 +144,75 @@ def score_continuations(model, tokenizer, prompts: list[list[int]], conts: list[
         total = steps.gather(1, torch.tensor(c, device=device).unsqueeze(1)).sum()
         scores.append(total / len(c) if length_norm else total)
     return torch.stack(scores)
+
+
+def cache_argument(model) -> str | None:
+    """The name under which the causal LM takes (and returns) a key/value cache: `cache` in
+    recent Transformers, `past_key_values` before; None without one (score_after_prompts
+    needs it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def score_prompts_in_batches(model, tokenizer, prompts: list[list[int]],
+                             conts: list[list[int]], max_length: int, length_norm: bool,
+                             batch_size: int) -> torch.Tensor:
+    """(N, V) score_after_prompts over batches of prompts, longest first (less padding). A
+    batch holds about 4 x batch_size (prompt, continuation) rows: the prompts' cache is
+    repeated once per continuation."""
+    out = torch.empty(len(prompts), len(conts))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    step = batch_size if max(len(c) for c in conts) == 1 else \
+        max(1, 4 * batch_size // len(conts))
+    with torch.inference_mode():
+        for start in range(0, len(order), step):
+            idx = order[start:start + step]
+            out[idx] = score_after_prompts(model, tokenizer, [prompts[i] for i in idx], conts,
+                                           max_length, length_norm).cpu()
+    return out
+
+
+def score_after_prompts(model, tokenizer, prompts: list[list[int]], conts: list[list[int]],
+                        max_length: int, length_norm: bool) -> torch.Tensor:
+    """(B, V) log p(conts[j] | prompts[i]) (per token when length_norm) for every prompt and
+    continuation: score_continuations over all B x V pairs, but each prompt runs once. Every
+    continuation's first token is scored from the prompt's last logits; its later tokens run on
+    the prompt's key/value cache, repeated V times. Each prompt is cut (fit_prompt) to leave
+    room for the longest continuation."""
+    tail = max(len(c) for c in conts)
+    seqs = [fit_prompt(tokenizer, p, tail, max_length) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask, positions = left_pad(seqs, pad)  # (B, T) each
+    device = next(model.parameters()).device
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                position_ids=positions.to(device), use_cache=tail > 1, **extra)
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, vocab): predicts each first token
+    scores = first[:, torch.tensor([c[0] for c in conts], device=device)]  # (B, V)
+    if tail > 1:
+        n, v, width = len(seqs), len(conts), tail - 1
+        inputs = torch.full((v, width), pad, dtype=torch.long)  # c[:-1] predicts c[1:]
+        targets = torch.zeros((v, width), dtype=torch.long)
+        real = torch.zeros((v, width), dtype=torch.long)
+        for j, c in enumerate(conts):
+            inputs[j, :len(c) - 1], targets[j, :len(c) - 1] = torch.tensor(c[:-1]), \
+                torch.tensor(c[1:])
+            real[j, :len(c) - 1] = 1
+        name = cache_argument(model)
+        cache = getattr(out, name)
+        cache.batch_repeat_interleave(v)  # row i * v + j: prompt i, continuation j
+        rows_mask = torch.cat([mask.repeat_interleave(v, 0), real.repeat(n, 1)], 1)
+        rows_pos = positions[:, -1:].repeat_interleave(v, 0) + 1 + torch.arange(width)
+        logits = model(input_ids=inputs.repeat(n, 1).to(device),
+                       attention_mask=rows_mask.to(device), position_ids=rows_pos.to(device),
+                       **{name: cache}).logits  # (B * V, width, vocab)
+        later = logits.float().log_softmax(-1).gather(
+            2, targets.repeat(n, 1).unsqueeze(2).to(device)).squeeze(2)
+        scores = scores + (later * real.repeat(n, 1).to(device)).sum(1).view(n, v)
+    if length_norm:
+        scores = scores / torch.tensor([len(c) for c in conts], device=device)
+    return scores
 
 
 def calibrate(probs: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:

@@ -353,27 +353,23 @@ class PromptClassifier:
         return lead + body + trail, len(lead) + _mask_index(pieces, len(text_ids))
 
     def _causal_scores(self, index: int, texts: list[str]) -> torch.Tensor:
-        """(N, W) per-token log p(verbaliser | prompt), as lm_scoring.LMScorer scores it. When
-        every verbaliser is one token, one forward pass per text scores them all."""
-        from tunelab.lm_scoring import (accepts_logits_to_keep, fit_prompt, left_pad,
-                                        score_continuations)
+        """(N, W) per-token log p(verbaliser | prompt), as lm_scoring.LMScorer scores it: each
+        prompt runs once (lm_scoring.score_after_prompts), except when training with
+        verbalisers of several tokens, which scores every (prompt, verbaliser) pair."""
+        from tunelab.lm_scoring import cache_argument, score_after_prompts, score_continuations
 
         model, tok, n_words = self.models[index], self.tokenizer, len(self.word_ids)
         prompts = [self._pieces[index].replace("{text}", t) for t in texts]
         prompt_ids = tok(prompts)["input_ids"]
-        if any(len(ids) > 1 for ids in self.word_ids):
+        several = any(len(ids) > 1 for ids in self.word_ids)
+        if several and (torch.is_grad_enabled() or not cache_argument(model)):
             pairs = [(i, j) for i in range(len(texts)) for j in range(n_words)]
             scores = score_continuations(model, tok, [prompt_ids[i] for i, _ in pairs],
                                          [self.word_ids[j] for _, j in pairs],
                                          self.settings.max_length, length_norm=True)
             return scores.view(len(texts), n_words)
-        seqs = [fit_prompt(tok, p, 1, self.settings.max_length) for p in prompt_ids]
-        input_ids, mask, positions = left_pad(seqs, tok.pad_token_id)
-        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        logits = model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                       position_ids=positions.to(self.device), **extra).logits[:, -1]  # (N, V)
-        words = torch.tensor([ids[0] for ids in self.word_ids], device=self.device)
-        return logits.float().log_softmax(-1)[:, words]
+        return score_after_prompts(model, tok, prompt_ids, self.word_ids,
+                                   self.settings.max_length, length_norm=True)
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, texts: list[str], labels: list[int]) -> "PromptClassifier":

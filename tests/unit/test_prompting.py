@@ -126,6 +126,16 @@ def test_step_zero_scores_are_the_pretrained_heads(tiny_mlm, tiny_llama):
     with torch.no_grad():
         assert torch.allclose(clf.label_scores(0, texts), scorer.label_log_scores(texts),
                               atol=1e-5)
+    # verbalisers of several tokens: training scores every (prompt, word) pair, prediction runs
+    # each prompt once on a key/value cache; both give the same scores
+    verbs = {"positive": ["good"], "negative": ["very bad thing"]}
+    clf = PromptClassifier(tiny_llama, LABELS, _settings(patterns=[pattern], verbalizers=verbs))
+    assert max(len(ids) for ids in clf.word_ids) > 1
+    clf.models[0].eval()
+    trained = clf.label_scores(0, texts)
+    assert trained.requires_grad
+    with torch.inference_mode():
+        assert torch.allclose(clf.label_scores(0, texts), trained.detach(), atol=1e-5)
 
 
 def test_training_fits_a_separable_toy_set_and_reloads_identically(tiny_mlm, tmp_path):

@@ -322,3 +322,31 @@ def test_nli_scorer_on_a_trained_pair_run(tmp_path, tiny_bert):
         f"run_dir={tmp_path / 'single'}"]), quiet=True)
     with pytest.raises(ModelError, match="text pairs"):
         ZeroShotClassifier.load(str(single), spec, ZeroShotSettings(scorer="nli"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prompts_run_once_and_score_like_every_pair(kind, llama_dir, tmp_path):
+    """score_after_prompts (each prompt once, continuations on its cache) against
+    score_continuations over every (prompt, continuation) pair: continuations of 1 to 3
+    tokens, prompts of different lengths (left padding), fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.lm_scoring import cache_argument, score_after_prompts, score_continuations
+    from tunelab.tiny import build_tiny_model
+
+    folder = llama_dir if kind == "llama" else str(build_tiny_model(
+        tmp_path / "gpt2", kind="gpt2", texts=LM_TEXTS, vocab_size=600, hidden=32, layers=2))
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = [_ids(tok, t) for t in ["Text: wow\nLabel:", "Text: a much longer text about a "
+                                      "film that was wow\nLabel:", "meh"]]
+    conts = [_ids(tok, w) for w in [" positive", " very negative thing", " N/A"]]
+    assert sorted({len(c) for c in conts}) != [1]  # the cached path runs
+    for norm in (True, False):
+        with torch.inference_mode():
+            once = score_after_prompts(model, tok, prompts, conts, 64, norm)
+            pairs = score_continuations(model, tok, [p for p in prompts for _ in conts],
+                                        conts * len(prompts), 64, norm).view(3, 3)
+        assert torch.allclose(once, pairs, atol=1e-5)
+    assert cache_argument(model) is not None  # LMScorer takes this path for real models
+    assert cache_argument(FakeLM(10, torch.zeros(10))) is None  # and pairs for this one
