@@ -354,15 +354,15 @@ class PromptClassifier:
 
     def _causal_scores(self, index: int, texts: list[str]) -> torch.Tensor:
         """(N, W) per-token log p(verbaliser | prompt), as lm_scoring.LMScorer scores it: each
-        prompt runs once (lm_scoring.score_after_prompts), except when training with
-        verbalisers of several tokens, which scores every (prompt, verbaliser) pair."""
+        prompt runs once (lm_scoring.score_after_prompts; gradients flow through the key/value
+        cache too), or, for a model without a cache, every (prompt, verbaliser) pair."""
         from tunelab.lm_scoring import cache_argument, score_after_prompts, score_continuations
 
         model, tok, n_words = self.models[index], self.tokenizer, len(self.word_ids)
         prompts = [self._pieces[index].replace("{text}", t) for t in texts]
         prompt_ids = tok(prompts)["input_ids"]
         several = any(len(ids) > 1 for ids in self.word_ids)
-        if several and (torch.is_grad_enabled() or not cache_argument(model)):
+        if several and not cache_argument(model):
             pairs = [(i, j) for i in range(len(texts)) for j in range(n_words)]
             scores = score_continuations(model, tok, [prompt_ids[i] for i, _ in pairs],
                                          [self.word_ids[j] for _, j in pairs],

@@ -126,8 +126,7 @@ def test_step_zero_scores_are_the_pretrained_heads(tiny_mlm, tiny_llama):
     with torch.no_grad():
         assert torch.allclose(clf.label_scores(0, texts), scorer.label_log_scores(texts),
                               atol=1e-5)
-    # verbalisers of several tokens: training scores every (prompt, word) pair, prediction runs
-    # each prompt once on a key/value cache; both give the same scores
+    # verbalisers of several tokens: the same scores with gradients (training) as without
     verbs = {"positive": ["good"], "negative": ["very bad thing"]}
     clf = PromptClassifier(tiny_llama, LABELS, _settings(patterns=[pattern], verbalizers=verbs))
     assert max(len(ids) for ids in clf.word_ids) > 1
