@@ -31,8 +31,11 @@ RUNS = {
         "configs/fewshot/agnews.yaml", "--methods", "zeroshot,finetune,setfit", "--k", "8,16",
         "--seeds", SEEDS, "--label-file", "configs/fewshot/agnews_labels.yaml"]),
     "agnews-prompt": ("AG News", "SmolLM2-135M + LoRA", [
-        "configs/fewshot/agnews_prompt.yaml", "prompt.epochs=10", "--methods", "prompt,zeroshot",
+        "configs/fewshot/agnews_prompt.yaml", "prompt.epochs=10", "--methods", "prompt",
         "--k", "8", "--seeds", SEEDS]),
+    "agnews-lm-zeroshot": ("AG News", "SmolLM2-135M", [
+        "configs/fewshot/agnews_prompt.yaml", "--methods", "zeroshot", "--k", "8",
+        "--seeds", "0"]),
     "sst2": ("SST-2", "MiniLM-L6", [
         "configs/fewshot/sst2.yaml", "selftrain.rounds=1", "--methods",
         "zeroshot,finetune,setfit,selftrain", "--k", "8,16", "--seeds", SEEDS]),
@@ -74,6 +77,12 @@ RUNS = {
     "agnews-selftrain": ("AG News", "MiniLM-L6", [
         "configs/fewshot/agnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
         "--k", "8,16", "--seeds", SEEDS]),
+    "tnews-zeroshot": ("tnews (zh)", "Gemma-3-270M", [
+        "configs/fewshot/tnews_prompt.yaml", "--methods", "zeroshot", "--k", "8", "--seeds", "0",
+        "--label-file", "configs/fewshot/tnews_labels.yaml"]),
+    "tnews-prompt": ("tnews (zh)", "Gemma-3-270M + LoRA", [
+        "configs/fewshot/tnews_prompt.yaml", "--methods", "prompt", "--k", "8",
+        "--seeds", SEEDS]),
     "tnews-selftrain": ("tnews (zh)", "MiniLM-L6", [
         "configs/fewshot/tnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
         "--k", "8", "--seeds", SEEDS]),
@@ -134,9 +143,12 @@ def table(names: list[str]) -> tuple[list[str], list[list[str]]]:
     for name in names:
         results = json.loads((out_dir(name) / "results.json").read_text())
         dataset, model, _ = RUNS[name]
+        args = RUNS[name][2]
+        listed = args[args.index("--methods") + 1].split(",")
         by_method: dict[str, dict[int, dict]] = {}
         for s in results["summary"]:
-            by_method.setdefault(s["method"], {})[s["k"]] = s
+            if s["method"] in listed:  # what the command shown runs (its folder may hold more)
+                by_method.setdefault(s["method"], {})[s["k"]] = s
         for method, by_k in by_method.items():
             label = METHOD_NAMES.get(method, method)
             if method == "zeroshot":
