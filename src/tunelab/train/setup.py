@@ -91,8 +91,6 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
                                                       accelerator.num_processes), config.train)
     ctx = registry.context_for(config, built, total)
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
-    if precision == "bf16" and spec.saves == "adapter" and engines.kind(accelerator) == "plain":
-        frozen_linears_to_bf16(model)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
@@ -109,25 +107,6 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
           f"; lr {lr:g}, {total} steps, precision {precision}, {threads} threads"
           f", {accelerator.num_processes} process(es)")
     return p
-
-
-def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
-    """Store the frozen Linear layers' weights and biases in bf16; returns how many layers.
-
-    Under bf16 autocast every Linear casts its fp32 weight to bf16 on every forward pass, and
-    autocast caches only the casts of weights that train: with an adapter method that is most
-    of the model's weight bytes read and written again each step, for the same bf16 values.
-    Stored in bf16 they are cast once. Only for methods that save just their adapter (the
-    frozen weights are never saved, and autocast runs wherever this model computes), so the
-    numbers are unchanged."""
-    layers = 0
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 \
-                and not any(p.requires_grad for p in params):
-            module.to(torch.bfloat16)
-            layers += 1
-    return layers
 
 
 def batches_per_process(rows: int, batch_size: int, world: int) -> int:
