@@ -159,3 +159,18 @@ def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):
     assert env["precision"] == "bf16"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["precision"] == "bf16"
+
+
+def test_the_heap_is_trimmed_at_every_log_line(tiny_overrides, tmp_path, monkeypatch):
+    """Batches change shape every step and glibc's heap fragments; each log line hands the
+    free pages back (malloc_trim), which is what keeps long pretraining runs flat."""
+    from tunelab.train import loop
+
+    calls = []
+    real = loop.return_freed_memory
+    monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(real()))
+    overrides = [o for o in tiny_overrides if o != "train.epochs=20"]
+    assert main(["train", *overrides, "train.max_steps=12", "train.log_every=4"]) == 0
+    logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r
+              and "split" not in r]
+    assert len(calls) == len(logged) == 3

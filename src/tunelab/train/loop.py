@@ -161,7 +161,32 @@ def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar) -> No
               "samples_per_s": float(stats[1]) / seconds, "tokens_per_s": float(stats[2]) / seconds}
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     p.log(record)
+    return_freed_memory()
     window.update(loss=0.0, items=0, tokens=0, t0=time.perf_counter())
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Batches change shape every step (lengths; in masked LM the number of masked positions), so
+    freed activation buffers rarely fit the next step's and glibc's heap fragments: a 15,000-step
+    pretraining of a 1.1M-parameter model grew to 3.3 GB. Trimming at each log line keeps the
+    resident memory flat for a few milliseconds."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
