@@ -170,8 +170,8 @@ def return_freed_memory() -> None:
 
     Batches change shape every step (lengths; in masked LM the number of masked positions), so
     freed activation buffers rarely fit the next step's and glibc's heap fragments: a 15,000-step
-    pretraining of a 1.1M-parameter model grew to 3.3 GB. Trimming at each log line keeps the
-    resident memory flat for a few milliseconds."""
+    pretraining of a 1.1M-parameter model grew to 3.3 GB. Trimming at each log line cut the
+    peak of 1,500 such steps from 2,288 to 1,671 MB (docs/pretraining.md)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
