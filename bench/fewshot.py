@@ -161,11 +161,19 @@ def table(names: list[str]) -> tuple[list[str], list[list[str]]]:
             for k in (8, 16):
                 s = by_k.get(0 if method == "zeroshot" else k)
                 if s:
-                    row["cells"][k] = f"{s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f}"
+                    few = method != "zeroshot" and s["seeds"] < len(SEEDS.split(","))
+                    row["cells"][k] = (f"{s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f}"
+                                       + (f" ({s['seeds']} of {len(SEEDS.split(','))} seeds)"
+                                          if few else ""))
             row["seconds"] = max(row["seconds"], *(s["seconds_mean"] for s in by_k.values()))
     return (["data", "model", "method", "test rows", "k = 8", "k = 16", "s per run"],
             [[*key, f"{r['test']:,}", r["cells"].get(8, "—"), r["cells"].get(16, "—"),
-              f"{r['seconds']:.0f}"] for key, r in rows.items()])
+              f"{r['seconds']:.0f}"] for key, r in sorted(rows.items(), key=by_data_set)])
+
+
+def by_data_set(item) -> int:
+    """Table rows grouped by data set, in the order RUNS first names them."""
+    return list(dict.fromkeys(dataset for dataset, _, _ in RUNS.values())).index(item[0][0])
 
 
 def markdown(names: list[str], report: dict) -> str:
