@@ -206,7 +206,11 @@ def markdown(names: list[str], report: dict) -> str:
         common.markdown_table(headers, rows),
         *(["", "— : not measured (" + "; ".join(
             f"{r[2]} on {r[0]}, k = {k}" for r in rows for k, cell in ((8, r[4]), (16, r[5]))
-            if cell == "—") + ": left out for time)."] if any("—" in r for r in rows) else [])])
+            if cell == "—") + ": left out for time)."] if any("—" in r for r in rows) else []),
+        *(["", "Not run yet (no results): " + "; ".join(
+            f"{RUNS[n][2][RUNS[n][2].index('--methods') + 1]} on {RUNS[n][0]} with {RUNS[n][1]}"
+            f" (`--only {n}`)" for n in RUNS if n not in names) + "."]
+          if set(RUNS) - set(names) else [])])
 
 
 def main(argv=None) -> int:
