@@ -274,8 +274,10 @@ def earlier_runs(path: Path, settings: dict) -> dict:
         earlier = json.loads(path.read_text())
         runs, before = earlier["runs"], earlier["settings"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path} holds earlier results this fewshot-eval cannot extend ({e!r}"
-                          "); give another --out, or --fresh to replace them") from None
+        why = ("it does not record the settings of its runs (an older tunelab wrote it)"
+               if isinstance(e, KeyError) else f"it cannot be read: {e}")
+        raise ConfigError(f"{path} holds earlier results this fewshot-eval cannot extend: "
+                          f"{why}; give another --out, or --fresh to replace them") from None
     for part in ["common", *sorted({r["method"] for r in runs} & set(settings))]:
         changed = _differences(before.get(part), settings[part])
         if changed:

@@ -144,6 +144,12 @@ def test_fewshot_eval_resumes_extends_and_refuses_other_settings(tiny_bert, toy_
     err = capsys.readouterr().err
     assert "setfit settings" in err and "num_iterations: 2 before, 3 now" in err
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    # results without recorded settings (an older tunelab) are not extended
+    legacy = json.loads((out / "results.json").read_text())
+    del legacy["settings"]
+    (out / "results.json").write_text(json.dumps(legacy))
+    assert main([*args, "--seeds", "0"]) == 2
+    assert "does not record the settings of its runs" in capsys.readouterr().err
     # --fresh replaces them
     assert main([*args, "--seeds", "0", "setfit.num_iterations=3", "--fresh"]) == 0
     assert [(r["method"], r["seed"]) for r in
