@@ -398,8 +398,12 @@ class PromptClassifier:
         scheduler = build_scheduler(optimizer, "linear", steps, s.warmup_ratio)
         generator = torch.Generator().manual_seed(s.seed)
         torch.manual_seed(s.seed)  # dropout
+        from tqdm.auto import tqdm
+
         losses = []
         model.train()
+        bar = tqdm(total=steps, unit="step", desc=f"prompt {index + 1}/{len(self.patterns)}",
+                   dynamic_ncols=True, mininterval=1.0, leave=False)
         for _ in range(s.epochs):
             order = torch.randperm(len(texts), generator=generator).tolist()
             for start in range(0, len(order), s.batch_size):
@@ -414,6 +418,9 @@ class PromptClassifier:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.close()
         model.eval()
         return losses
 

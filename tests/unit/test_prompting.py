@@ -137,12 +137,13 @@ def test_step_zero_scores_are_the_pretrained_heads(tiny_mlm, tiny_llama):
         assert torch.allclose(clf.label_scores(0, texts), trained.detach(), atol=1e-5)
 
 
-def test_training_fits_a_separable_toy_set_and_reloads_identically(tiny_mlm, tmp_path):
+def test_training_fits_a_separable_toy_set_and_reloads_identically(tiny_mlm, tmp_path, capsys):
     texts, labels = _split(toy_rows(16, 5))
     clf = PromptClassifier(tiny_mlm["mlm"], LABELS, _settings(
         patterns=["{text} it was {mask}."], lr=8e-3, epochs=15, batch_size=8))
     before = (clf.predict_proba(texts).argmax(1) == np.array(labels)).mean()
     clf.fit(texts, labels)
+    assert "prompt 1/1" in capsys.readouterr().err  # the progress bar names the pattern
     losses = clf.losses[0]
     assert len(losses) == 15 * 2  # 15 epochs of 16 examples in batches of 8
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) / 3
