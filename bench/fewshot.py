@@ -121,18 +121,19 @@ def command(name: str) -> list[str]:
 
 def run(name: str, fresh: bool = False) -> None:
     needs = PREREQUISITES.get(name)
-    done = needs and next(a[len("run_dir="):] for a in needs if a.startswith("run_dir="))
-    if needs and not (common.REPO_ROOT / done / "results.json").is_file():
-        print(f"[{NAME}] tunelab {' '.join(needs)}", file=sys.stderr, flush=True)
-        child = common.run_child([sys.executable, "-m", "tunelab", *needs])
-        if child.returncode != 0:
-            raise SystemExit(f"{' '.join(needs)} failed (exit code {child.returncode}):\n"
-                             f"{child.output_tail[-3000:]}")
-    argv = [sys.executable, "-m", "tunelab", *command(name)[1:], *(["--fresh"] if fresh else [])]
-    print(f"[{NAME}] {' '.join(command(name))}", file=sys.stderr, flush=True)
-    child = common.run_child(argv)
+    if needs:
+        run_dir = next(a[len("run_dir="):] for a in needs if a.startswith("run_dir="))
+        if not (common.REPO_ROOT / run_dir / "results.json").is_file():
+            tunelab(needs)
+    tunelab([*command(name)[1:], *(["--fresh"] if fresh else [])])
+
+
+def tunelab(args: list[str]) -> None:
+    """`tunelab ARGS` in a child process; a failure stops the benchmark with its output."""
+    print(f"[{NAME}] tunelab {' '.join(args)}", file=sys.stderr, flush=True)
+    child = common.run_child([sys.executable, "-m", "tunelab", *args])
     if child.returncode != 0:
-        raise SystemExit(f"{name} failed (exit code {child.returncode}):\n"
+        raise SystemExit(f"tunelab {' '.join(args)} failed (exit code {child.returncode}):\n"
                          f"{child.output_tail[-3000:]}")
 
 
