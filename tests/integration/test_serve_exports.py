@@ -102,6 +102,9 @@ def test_predict_and_serve_take_an_export_folder(runs, toy_data, tmp_path):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     want = exported.load(runs["int8"]).predict([r["text"] for r in rows])
+    loaded = tunelab.load(runs["int8"], threads=1)  # tunelab.load takes an export folder too
+    assert isinstance(loaded, exported.OnnxPredictor) and loaded.predict(TEXTS) == \
+        exported.load(runs["int8"], threads=1).predict(TEXTS)
     assert [r["predicted_label"] for r in rows] == [w["label"] for w in want]
     assert [float(r["score"]) for r in rows] == [round(w["score"], 6) for w in want]
     # an export is served under its run's folder name: what verify --url asks for
