@@ -145,6 +145,10 @@ class TrainConfig:
     """Attention kernel while training: auto (eager on CPU, where PyTorch's fused SDPA backward
     is slower at these lengths: MiniLM trains 1.2-1.5x faster with eager; sdpa on GPUs), sdpa
     or eager. Prediction and serving always use the model's default (SDPA)."""
+    fast_dropout: bool = True
+    """On CPU, dropout masks from 16 random bits per element (tunelab.train.dropout): the same
+    drop probability, 3x cheaper masks (MiniLM full fine-tuning ~10% faster), a different random
+    stream from torch's own dropout; false = torch's dropout. GPUs always use torch's."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     group_by_length: bool = True

@@ -244,6 +244,11 @@ COMMON = ("labels", "pool", "test", "pool_source", "test_source", "model")
 """What every run of a results.json shares: the data and the model."""
 
 
+NOT_SETTINGS = ("seed", "fast_dropout")
+"""train.* keys left out of finetune's settings: the seed is each run's own; fast_dropout draws
+the same dropout from another random stream, as a torch upgrade may."""
+
+
 def run_settings(plan: Plan, info: dict) -> dict:
     """What a run's figure depends on besides its k and seed, per method (and "common"; no
     selftrain unless it runs now, as its unlabelled file is read only then): an earlier run is
@@ -255,7 +260,8 @@ def run_settings(plan: Plan, info: dict) -> dict:
         "common": {k: info[k] for k in COMMON},
         "setfit": {"setfit": info["setfit"]},
         "finetune": {"finetune": info["finetune"], "method": tree["method"],
-                     "train": {k: v for k, v in tree["train"].items() if k != "seed"},
+                     "train": {k: v for k, v in tree["train"].items()
+                               if k not in NOT_SETTINGS},
                      "model": tree["model"]},
         "zeroshot": {"zeroshot": info["zeroshot"], "label_spec": labels},
         "prompt": {"prompt": info["prompt"],

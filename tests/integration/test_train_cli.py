@@ -21,12 +21,13 @@ def test_train_full_writes_a_self_describing_run(tiny_overrides, tmp_path):
                  "state/latest", "confusion_test.png"):
         assert (run / name).exists(), name
     logs = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and "split" not in r]
-    assert logs[-1]["loss"] < logs[0]["loss"] * 0.8, logs
+    assert logs[-1]["loss"] < logs[0]["loss"] * 0.85, logs  # from chance (ln 2 = 0.693)
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["accuracy"] >= 0.75
     assert results["train"]["trainable_percent"] == pytest.approx(100.0)
     env = json.loads((run / "env.json").read_text())
     assert env["seed"] == 42 and env["precision"] == "fp32" and len(env["config_hash"]) == 16
+    assert env["dropout"] == "fast (16-bit masks)"
     assert json.loads((run / "label_map.json").read_text()) == {"0": "negative", "1": "positive"}
     preflight = json.loads((run / "preflight.json").read_text())
     assert preflight["splits"]["train"]["rows"] == 20
@@ -154,9 +155,10 @@ def test_bf16_trains_every_adapter_method(method, tiny_overrides, tmp_path):
 
 def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if o != "train.precision=fp32"]
-    assert main(["train", *overrides, "train.precision=bf16", "train.epochs=2"]) == 0
+    assert main(["train", *overrides, "train.precision=bf16", "train.epochs=2",
+                 "train.fast_dropout=false"]) == 0
     env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert env["precision"] == "bf16"
+    assert env["precision"] == "bf16" and env["dropout"] == "torch"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["precision"] == "bf16"
 

@@ -17,6 +17,7 @@ from tunelab.methods import registry
 from tunelab.tasks import get_task
 from tunelab.tasks.base import Task
 from tunelab.train import engines
+from tunelab.train.dropout import use_fast_dropout
 
 
 @dataclass
@@ -91,6 +92,9 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
                                                       accelerator.num_processes), config.train)
     ctx = registry.context_for(config, built, total)
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
+    fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
+    if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
+        use_fast_dropout(model)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
@@ -187,6 +191,8 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, resumed: bo
     atomic_write_json(p.run_dir / "label_map.json", dict(enumerate(p.labels)))
     atomic_write_json(p.run_dir / "env.json", runs.environment(p.config, {
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
+        "dropout": "fast (16-bit masks)" if p.config.train.fast_dropout
+        and p.accelerator.device.type == "cpu" else "torch",
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))
