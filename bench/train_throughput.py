@@ -7,6 +7,8 @@ weight decay 0.01, seed 42, max length 128):
   trainer_default  Trainer as most users run it: inputs padded to 128, fp32, random order
   trainer_tuned    Trainer configured well: bf16, dynamic padding, length-grouped sampling
   tunelab          tunelab's defaults (length-sorted batches, bf16 autocast where fast)
+  tunelab_torch_dropout   the same with train.fast_dropout=false: what the cheaper dropout
+                   masks (tunelab.train.dropout) bring
 
 Each configuration runs in its own child process, so the peak RSS is its own. Reported:
 training seconds (the steps only: no model loading, no evaluation), samples/s, real
@@ -31,7 +33,7 @@ import common  # noqa: E402
 
 NAME = "train_throughput"
 METHODS = ("full", "lora")
-CONFIGS = ("trainer_default", "trainer_tuned", "tunelab")
+CONFIGS = ("trainer_default", "trainer_tuned", "tunelab", "tunelab_torch_dropout")
 BATCH_SIZE, MAX_LENGTH, WARMUP_RATIO, WEIGHT_DECAY, SEED = 32, 128, 0.06, 0.01, 42
 EVAL_BATCH_SIZE = 64  # evaluation is not timed; 64 only keeps the benchmark shorter
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}  # tunelab's defaults, for every configuration
@@ -145,14 +147,16 @@ def child_main(job_file: str, key: str, out_file: str) -> None:
     elif config.startswith("scaling"):
         result = run_tunelab({**job, "paths": {**job["paths"], "train": job["scaling"][config]}},
                              method, suffix=config)
-    elif config == "tunelab":
-        result = run_tunelab(job, method)
+    elif config.startswith("tunelab"):
+        torch_dropout = config == "tunelab_torch_dropout"
+        result = run_tunelab(job, method, suffix="-torch-dropout" if torch_dropout else "",
+                             extra=["train.fast_dropout=false"] if torch_dropout else [])
     else:
         result = run_trainer(job, method, tuned=config == "trainer_tuned")
     common.write_json(Path(out_file), result)
 
 
-def run_tunelab(job: dict, method: str, suffix: str = "") -> dict:
+def run_tunelab(job: dict, method: str, suffix: str = "", extra: tuple = ()) -> dict:
     from tunelab.config import resolve_config
     from tunelab.train.loop import train
 
@@ -163,7 +167,8 @@ def run_tunelab(job: dict, method: str, suffix: str = "") -> dict:
         f"method.name={method}", f"train.epochs={job['epochs']}", f"train.lr={job['lr'][method]}",
         f"train.batch_size={BATCH_SIZE}", f"train.warmup_ratio={WARMUP_RATIO}",
         "train.schedule=linear", f"train.weight_decay={WEIGHT_DECAY}", f"train.seed={SEED}",
-        "train.tracker=none", f"run_dir={Path(job['workdir']) / f'tunelab-{method}{suffix}'}"]
+        "train.tracker=none", f"run_dir={Path(job['workdir']) / f'tunelab-{method}{suffix}'}",
+        *extra]
     run_dir = train(resolve_config(overrides=overrides), quiet=True)
     results = json.loads((run_dir / "results.json").read_text())
     t = results["train"]
@@ -402,7 +407,7 @@ def ratios(rows: list[dict]) -> dict:
     out = {}
     for method in METHODS:
         ours = found.get((method, "tunelab"))
-        for config in CONFIGS[:2]:
+        for config in (c for c in CONFIGS if c != "tunelab"):
             theirs = found.get((method, config))
             if ours and theirs:
                 out[f"{method}: tunelab vs {config}"] = {
