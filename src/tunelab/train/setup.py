@@ -94,9 +94,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if precision == "bf16":
         skip_adapter_input_casts(model)
-    fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
-    if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
-        use_fast_dropout(model)
+    if config.train.fast_dropout and accelerator.device.type == "cpu":
+        use_fast_dropout(model)  # GPUs draw torch's masks in a fused kernel already
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
