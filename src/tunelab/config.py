@@ -148,7 +148,7 @@ class TrainConfig:
     fast_dropout: bool = True
     """On CPU, dropout masks from 16 random bits per element (tunelab.train.dropout): the same
     drop probability, 3x cheaper masks (MiniLM on 3,000 SST-2 rows, paired runs: full
-    fine-tuning 1.00-1.16x faster, median 1.08x; LoRA 1.08-1.19x), a different random stream
+    fine-tuning 1.00-1.16x faster, median 1.09x; LoRA 1.08-1.19x), a different random stream
     from torch's own dropout; false = torch's dropout. GPUs always use torch's."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
