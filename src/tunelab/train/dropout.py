@@ -75,13 +75,13 @@ def use_fast_dropout(model: nn.Module) -> int:
     number of dropout modules switched, plus one where the attention is. Weights, state dicts,
     saved configs (transformers does not save the attention implementation) and eval-mode
     outputs are untouched."""
+    from transformers import PreTrainedModel
+
     switched = 0
     for module in model.modules():
         if type(module) is nn.Dropout:
             module.__class__ = FastDropout
             switched += 1
-    from transformers import PreTrainedModel
-
     top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if top is not None and top.config._attn_implementation == "eager" \
             and _has_bert_attention(top):
@@ -97,7 +97,7 @@ def _has_bert_attention(model: nn.Module) -> bool:
     from transformers.models.bert import modeling_bert
 
     own = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
-    if own is None or not hasattr(model, "set_attn_implementation"):
+    if own is None:
         return False
     try:
         return inspect.getsource(own) == inspect.getsource(modeling_bert.eager_attention_forward)
