@@ -86,6 +86,12 @@ RUNS = {
     "tnews-selftrain": ("tnews (zh)", "MiniLM-L6", [
         "configs/fewshot/tnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
         "--k", "8", "--seeds", SEEDS]),
+    "tnews-prompt-k16": ("tnews (zh)", "Gemma-3-270M + LoRA", [
+        "configs/fewshot/tnews_prompt.yaml", "--methods", "prompt", "--k", "16",
+        "--seeds", SEEDS]),
+    "tnews-selftrain-k16": ("tnews (zh)", "MiniLM-L6", [
+        "configs/fewshot/tnews.yaml", "selftrain.rounds=1", "--methods", "selftrain",
+        "--k", "16", "--seeds", SEEDS]),
 }
 PREREQUISITES = {
     # run: the `tunelab train` it needs first (skipped when its run directory is complete)

@@ -178,7 +178,8 @@ def score_after_prompts(model, tokenizer, prompts: list[list[int]], conts: list[
     """(B, V) log p(conts[j] | prompts[i]) (per token when length_norm) for every prompt and
     continuation: score_continuations over all B x V pairs, but each prompt runs once. Every
     continuation's first token is scored from the prompt's last logits; its later tokens run on
-    the prompt's key/value cache, repeated V times. Each prompt is cut (fit_prompt) to leave
+    the prompt's key/value cache, repeated once per continuation of two or more tokens (a
+    one-token continuation needs no second pass). Each prompt is cut (fit_prompt) to leave
     room for the longest continuation."""
     tail = max(len(c) for c in conts)
     seqs = [fit_prompt(tokenizer, p, tail, max_length) for p in prompts]
@@ -190,26 +191,30 @@ def score_after_prompts(model, tokenizer, prompts: list[list[int]], conts: list[
                 position_ids=positions.to(device), use_cache=tail > 1, **extra)
     first = out.logits[:, -1].float().log_softmax(-1)  # (B, vocab): predicts each first token
     scores = first[:, torch.tensor([c[0] for c in conts], device=device)]  # (B, V)
-    if tail > 1:
-        n, v, width = len(seqs), len(conts), tail - 1
+    longer = [j for j, c in enumerate(conts) if len(c) > 1]  # the others are scored already
+    if longer:
+        n, v, width = len(seqs), len(longer), tail - 1
         inputs = torch.full((v, width), pad, dtype=torch.long)  # c[:-1] predicts c[1:]
         targets = torch.zeros((v, width), dtype=torch.long)
         real = torch.zeros((v, width), dtype=torch.long)
-        for j, c in enumerate(conts):
-            inputs[j, :len(c) - 1], targets[j, :len(c) - 1] = torch.tensor(c[:-1]), \
+        for row, j in enumerate(longer):
+            c = conts[j]
+            inputs[row, :len(c) - 1], targets[row, :len(c) - 1] = torch.tensor(c[:-1]), \
                 torch.tensor(c[1:])
-            real[j, :len(c) - 1] = 1
+            real[row, :len(c) - 1] = 1
         name = cache_argument(model)
         cache = getattr(out, name)
-        cache.batch_repeat_interleave(v)  # row i * v + j: prompt i, continuation j
+        cache.batch_repeat_interleave(v)  # row i * v + k: prompt i, continuation longer[k]
         rows_mask = torch.cat([mask.repeat_interleave(v, 0), real.repeat(n, 1)], 1)
         rows_pos = positions[:, -1:].repeat_interleave(v, 0) + 1 + torch.arange(width)
         logits = model(input_ids=inputs.repeat(n, 1).to(device),
                        attention_mask=rows_mask.to(device), position_ids=rows_pos.to(device),
-                       **{name: cache}).logits  # (B * V, width, vocab)
+                       **{name: cache}).logits  # (B * v, width, vocab)
         later = logits.float().log_softmax(-1).gather(
             2, targets.repeat(n, 1).unsqueeze(2).to(device)).squeeze(2)
-        scores = scores + (later * real.repeat(n, 1).to(device)).sum(1).view(n, v)
+        rest = torch.zeros_like(scores)
+        rest[:, longer] = (later * real.repeat(n, 1).to(device)).sum(1).view(n, v)
+        scores = scores + rest
     if length_norm:
         scores = scores / torch.tensor([len(c) for c in conts], device=device)
     return scores

@@ -40,6 +40,8 @@ import torch
 
 from tunelab.config import PRECISIONS, MethodConfig
 from tunelab.errors import ConfigError, DataError
+from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.fused_lora import use_fused_lora
 
 MLM_PATTERN = "{text} It was {mask}."
 """Default pattern of a masked LM (LM-BFF's SST-2 template)."""
@@ -309,6 +311,8 @@ class PromptClassifier:
         method = self.settings.method
         ctx = registry.ApplyContext("causal_lm" if self.causal else "mlm", [], self.family)
         model = registry.apply_method(model, method.name, method.settings, ctx)
+        use_fused_lora(model)
+        cache_frozen_casts(model)
         return model.to(self.device)
 
     # -- scores -------------------------------------------------------------------------------

@@ -341,16 +341,18 @@ def test_prompts_run_once_and_score_like_every_pair(kind, llama_dir, tmp_path):
     prompts = [_ids(tok, t) for t in ["Text: wow\nLabel:", "Text: a much longer text about a "
                                       "film that was wow\nLabel:", "meh"]]
     conts = [_ids(tok, w) for w in [" positive", " very negative thing", " N/A"]]
-    assert sorted({len(c) for c in conts}) != [1]  # the cached path runs
+    conts.append(conts[1][:1])  # one token: scored from the prompt alone, beside longer ones
+    assert max(len(c) for c in conts) > 1  # the cached path runs
+    weights = torch.arange(12.0).view(3, 4)
     for norm in (True, False):  # the scores, and (prompt-based training) their gradients
         model.zero_grad()
         once = score_after_prompts(model, tok, prompts, conts, 64, norm)
-        (once * torch.arange(9.0).view(3, 3)).sum().backward()
+        (once * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         pairs = score_continuations(model, tok, [p for p in prompts for _ in conts],
-                                    conts * len(prompts), 64, norm).view(3, 3)
-        (pairs * torch.arange(9.0).view(3, 3)).sum().backward()
+                                    conts * len(prompts), 64, norm).view(3, 4)
+        (pairs * weights).sum().backward()
         assert torch.allclose(once, pairs, atol=1e-5)
         for name, param in model.named_parameters():
             assert torch.allclose(grads[name], param.grad, atol=1e-4), name
