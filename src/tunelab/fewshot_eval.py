@@ -130,7 +130,7 @@ def make_plan(recipe: str | None, overrides: list[str], methods: list[str], ks: 
                 build_dataclass(ZeroShotSettings, sections["zeroshot"], "zeroshot"), label_spec)
     if "selftrain" in methods:
         plan.selftrain, plan.unlabelled = selftrain_plan(sections["selftrain"], config)
-    from tunelab.prompting import prompt_settings
+    from tunelab.prompt_settings import prompt_settings
 
     plan.prompt = prompt_settings(sections["prompt"])
     return plan
