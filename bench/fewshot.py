@@ -190,7 +190,7 @@ def markdown(names: list[str], report: dict) -> str:
                           *(f"    {' '.join(command(n))}" for n in names)])
     return "\n".join([
         "## Few-shot: zero-shot, plain fine-tuning, SetFit, prompt-based, self-training", "",
-        f"`.venv/bin/python bench/fewshot.py` runs, for each data set:", "", commands, "",
+        "`.venv/bin/python bench/fewshot.py` runs, for each data set:", "", commands, "",
         f"{report['date']}; {common.machine_line(report['machine'])}.", "",
         "Test accuracy, mean ± standard deviation over seeds 0, 1, 2 (each seed draws its own k "
         "examples per class from the pool and seeds the training); zero-shot learns nothing, so "

@@ -9,8 +9,6 @@ weight decay 0.01, seed 42, max length 128):
   tunelab          tunelab's defaults (length-sorted batches, bf16 autocast where fast)
   tunelab_torch_dropout   the same with train.fast_dropout=false: what the cheaper dropout
                    masks (tunelab.train.dropout) bring
-  tunelab_peft_lora   LoRA only: the same with train.fused_lora=false (PEFT's LoRA layers,
-                   not tunelab.train.fused_lora)
 
 Each configuration runs in its own child process, so the peak RSS is its own. Reported:
 training seconds (the steps only: no model loading, no evaluation), samples/s, real
@@ -36,13 +34,10 @@ from mfu import mfu, model_shapes, probe_matmul_peak  # noqa: E402
 
 NAME = "train_throughput"
 METHODS = ("full", "lora")
-CONFIGS = ("trainer_default", "trainer_tuned", "tunelab", "tunelab_torch_dropout",
-           "tunelab_peft_lora")
+CONFIGS = ("trainer_default", "trainer_tuned", "tunelab", "tunelab_torch_dropout")
 VARIANTS = {  # tunelab with one of its speed-ups off: (run-directory suffix, override)
     "tunelab_torch_dropout": ("-torch-dropout", "train.fast_dropout=false"),
-    "tunelab_peft_lora": ("-peft-lora", "train.fused_lora=false"),
 }
-ONLY_FOR = {"tunelab_peft_lora": "lora"}  # a configuration that differs for one method only
 BATCH_SIZE, MAX_LENGTH, WARMUP_RATIO, WEIGHT_DECAY, SEED = 32, 128, 0.06, 0.01, 42
 EVAL_BATCH_SIZE = 64  # evaluation is not timed; 64 only keeps the benchmark shorter
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}  # tunelab's defaults, for every configuration
@@ -432,8 +427,6 @@ def main(argv=None) -> int:
         rows = []
         for method in args.methods:
             for config in args.configs:
-                if ONLY_FOR.get(config, method) != method:
-                    continue
                 print(f"[{NAME}] {method} / {config} ...", file=sys.stderr, flush=True)
                 rows.append(measure(job_file, job, method, config))
                 print(f"[{NAME}] {summary(rows[-1])}", file=sys.stderr, flush=True)

@@ -150,11 +150,6 @@ class TrainConfig:
     drop probability, 3x cheaper masks (MiniLM on 3,000 SST-2 rows, paired runs: full
     fine-tuning 1.00-1.16x faster, median 1.09x; LoRA 1.08-1.19x), a different random stream
     from torch's own dropout; false = torch's dropout. GPUs always use torch's."""
-    fused_lora: bool = True
-    """Compute each plain LoRA linear layer (no dropout, one adapter) as one autograd node
-    with its frozen weight cast once (tunelab.train.fused_lora): the same function as PEFT's
-    layers with fewer casts and element-wise passes, rounded differently in bf16; false =
-    PEFT's forward."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     group_by_length: bool = True

@@ -33,7 +33,6 @@ from tunelab.config import MethodConfig
 from tunelab.data.classification import Example
 from tunelab.errors import ConfigError, DataError
 from tunelab.train.frozen import cache_frozen_casts
-from tunelab.train.fused_lora import use_fused_lora
 
 FULL_LR = 2e-5
 """SetFit's learning rate for the whole encoder (the paper's and sentence-transformers')."""
@@ -172,7 +171,6 @@ class SetFitClassifier:
         # "mlm" is the bare-encoder task: no classification head, PEFT's generic wrapper
         ctx = registry.ApplyContext("mlm", [], models.model_family(encoder.config))
         encoder = registry.apply_method(encoder, method.name, method.settings, ctx)
-        use_fused_lora(encoder)
         cache_frozen_casts(encoder)
         return encoder, tokenizer
 

@@ -244,10 +244,9 @@ COMMON = ("labels", "pool", "test", "pool_source", "test_source", "model")
 """What every run of a results.json shares: the data and the model."""
 
 
-NOT_SETTINGS = ("seed", "fast_dropout", "fused_lora")
+NOT_SETTINGS = ("seed", "fast_dropout")
 """train.* keys left out of finetune's settings: the seed is each run's own; fast_dropout draws
-the same dropout from another random stream, as a torch upgrade may; fused_lora computes the
-same LoRA layers with other rounding."""
+the same dropout from another random stream, as a torch upgrade may."""
 
 
 def run_settings(plan: Plan, info: dict) -> dict:

@@ -40,7 +40,6 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.prompt_settings import (CAUSAL_PATTERN, FULL_LR, MLM_PATTERN, PromptSettings,
                                      causal_prompt, prompt_settings, split_pattern)
 from tunelab.train.frozen import cache_frozen_casts
-from tunelab.train.fused_lora import use_fused_lora
 
 # --------------------------------------------------------------------------------------------
 # the classifier
@@ -162,7 +161,6 @@ class PromptClassifier:
         method = self.settings.method
         ctx = registry.ApplyContext("causal_lm" if self.causal else "mlm", [], self.family)
         model = registry.apply_method(model, method.name, method.settings, ctx)
-        use_fused_lora(model)
         cache_frozen_casts(model)
         return model.to(self.device)
 

@@ -158,17 +158,15 @@ def test_fewshot_eval_resumes_extends_and_refuses_other_settings(tiny_bert, toy_
 
 def test_finetune_runs_resume_across_dropout_streams_but_not_other_settings(
         tiny_bert, toy_data, tmp_path, capsys):
-    """train.fast_dropout draws the same dropout from another random stream, train.fused_lora
-    rounds the same LoRA layers differently: not settings that make earlier finetune runs
-    another experiment; the learning rate is one."""
+    """train.fast_dropout draws the same dropout from another random stream: not a setting
+    that makes earlier finetune runs another experiment; the learning rate is one."""
     out = tmp_path / "fs"
     args = ["fewshot-eval", str(_recipe(tmp_path, tiny_bert, toy_data)), "--methods",
             "finetune", "--k", "4", "--seeds", "0", "--out", str(out)]
     assert main(args) == 0
     capsys.readouterr()
-    for same in ("train.fast_dropout=false", "train.fused_lora=false"):
-        assert main([*args, same]) == 0
-        assert "finetune k=4 seed=0: kept from the earlier run" in capsys.readouterr().err
+    assert main([*args, "train.fast_dropout=false"]) == 0
+    assert "finetune k=4 seed=0: kept from the earlier run" in capsys.readouterr().err
     assert main([*args, "train.lr=0.003"]) == 2
     assert "train.lr" in capsys.readouterr().err
 

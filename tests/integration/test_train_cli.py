@@ -153,20 +153,6 @@ def test_bf16_trains_every_adapter_method(method, tiny_overrides, tmp_path):
     assert predictions[0]["label"] in ("positive", "negative")
 
 
-def test_fused_lora_trains_as_peft_does_and_is_recorded(tiny_overrides, tmp_path):
-    results = {}
-    for fused in ("true", "false"):
-        run = tmp_path / f"run_{fused}"
-        assert main(["train", *tiny_overrides, "method.name=lora", "train.epochs=5",
-                     f"train.fused_lora={fused}", f"run_dir={run}"]) == 0
-        env = json.loads((run / "env.json").read_text())
-        assert env["fused_lora_layers"] == (12 if fused == "true" else 0)  # 2 layers x 6
-        results[fused] = json.loads((run / "results.json").read_text())
-    fused, peft = results["true"]["test"], results["false"]["test"]
-    assert fused["loss"] == pytest.approx(peft["loss"], rel=1e-4)  # fp32: rounding apart
-    assert fused["accuracy"] == peft["accuracy"]
-
-
 def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):
     overrides = [o for o in tiny_overrides if o != "train.precision=fp32"]
     assert main(["train", *overrides, "train.precision=bf16", "train.epochs=2",

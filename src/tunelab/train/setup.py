@@ -19,7 +19,6 @@ from tunelab.tasks.base import Task
 from tunelab.train import engines
 from tunelab.train.dropout import use_fast_dropout
 from tunelab.train.frozen import cache_frozen_casts
-from tunelab.train.fused_lora import use_fused_lora
 
 
 @dataclass
@@ -99,7 +98,6 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
-    fused_lora = use_fused_lora(model) if config.train.fused_lora else 0
     cache_frozen_casts(model)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,8 +105,7 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     p = Prepared(config, task, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
     if accelerator.is_main_process:
-        write_run_files(p, data, threads, precision, fast_dropout, fused_lora,
-                        resume is not None)
+        write_run_files(p, data, threads, precision, fast_dropout, resume is not None)
     start_tracker(p)
     trainable, all_params = p.parameters = registry.count_parameters(model)
     origin = (f"new {config.model.size} model" if config.model.size
@@ -200,7 +197,7 @@ def skip_adapter_input_casts(model) -> int:
 
 
 def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropout: bool,
-                    fused_lora: int, resumed: bool) -> None:
+                    resumed: bool) -> None:
     p.run_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
         if (p.run_dir / "results.json").exists() or (p.run_dir / "state").exists():
@@ -214,7 +211,6 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropou
     atomic_write_json(p.run_dir / "env.json", runs.environment(p.config, {
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
         "dropout": "fast (16-bit masks)" if fast_dropout else "torch",
-        "fused_lora_layers": fused_lora,
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))
