@@ -1,5 +1,5 @@
 import sys
 
-from tunelab.cli import main
+from tunelab.cli.__main__ import run
 
-sys.exit(main())
+sys.exit(run())

@@ -1,6 +1,7 @@
 """`tunelab ui`'s JSON API on a real server (loopback port): runs table, one run, curves,
 diffs and plots of tiny runs trained here; the training form; a training started over HTTP
 and followed until it finishes."""
+import signal
 import time
 from pathlib import Path
 
@@ -212,8 +213,14 @@ def test_training_started_over_http_runs_to_finished(server, runs_root):
 
 
 def test_stop_interrupts_the_training_resumably(server, runs_root):
-    answer = server.post("/api/train", json={"recipe": "tiny.yaml", "name": "stopped",
-                                             "values": {"train.epochs": "20000"}})
+    # a server started in a script's background inherits SIGINT ignored; its children must
+    # still hear the stop
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        answer = server.post("/api/train", json={"recipe": "tiny.yaml", "name": "stopped",
+                                                 "values": {"train.epochs": "20000"}})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert answer.status_code == 202, answer.text
     deadline = time.monotonic() + 120
     job = answer.json()["job"]

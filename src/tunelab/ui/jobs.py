@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab import experiments
+from tunelab.cli.__main__ import INTERRUPTIBLE
 from tunelab.errors import TunelabError
 
 LOG_FILE = "train.log"
@@ -59,7 +60,8 @@ class Launcher:
             run_dir.mkdir(parents=True)
             argv = [sys.executable, "-m", "tunelab", "train", *([recipe] if recipe else []),
                     *overrides, f"run_dir={run_dir}"]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                   INTERRUPTIBLE: "1"}
             with open(run_dir / LOG_FILE, "wb") as log:  # the child keeps its own handle
                 process = subprocess.Popen(argv, cwd=self.cwd, stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
