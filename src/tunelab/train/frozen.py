@@ -7,7 +7,8 @@ Gemma-3-270M + LoRA, casting the tied 262,144 x 640 output layer was 200 ms of a
 prompt-based step. `cache_frozen_casts(model)` makes each plain `nn.Linear` with a frozen
 weight keep its cast copy while the weight is unchanged: the same values autocast would make,
 so outputs and gradients are bit-identical. The copy is not a buffer (never saved) and costs
-the weight's size in the autocast dtype.
+the weight's size in the autocast dtype; training under FSDP or DeepSpeed skips it (each
+process would keep whole copies of weights the engine shards).
 """
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
-    cache_frozen_casts(model)
+    if engines.kind(accelerator) == "plain":  # a sharding engine would keep whole copies
+        cache_frozen_casts(model)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
