@@ -263,6 +263,19 @@ def _check(ok: bool, message: str) -> None:
 # dict -> dataclasses
 
 
+def build_with_method(cls, values: dict, where: str):
+    """`build_dataclass` for a section with a `method:` of its own (setfit, prompt): the
+    method given as a name or a dict of its settings."""
+    values = dict(values)
+    method = values.pop("method", None)
+    if isinstance(method, str):
+        method = {"name": method}
+    settings = build_dataclass(cls, values, where)
+    if method is not None:
+        settings.method = build_method_config(method)
+    return settings
+
+
 def build_dataclass(cls, values: dict, where: str):
     """Build `cls` from a plain dict, rejecting unknown keys and wrong types."""
     if not isinstance(values, dict):

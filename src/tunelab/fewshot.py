@@ -133,16 +133,9 @@ class SetFitSettings:
 
 def setfit_settings(values: dict) -> SetFitSettings:
     """From a plain dict (a recipe's `setfit:` section or setfit.* overrides)."""
-    from tunelab.config import build_dataclass, build_method_config
+    from tunelab.config import build_with_method
 
-    values = dict(values)
-    method = values.pop("method", None)
-    if isinstance(method, str):
-        method = {"name": method}
-    settings = build_dataclass(SetFitSettings, values, "setfit")
-    if method is not None:
-        settings.method = build_method_config(method)
-    return settings
+    return build_with_method(SetFitSettings, values, "setfit")
 
 
 class SetFitClassifier:

@@ -109,16 +109,11 @@ def check_verbalizers(value) -> dict[str, list[str]]:
 
 def prompt_settings(values: dict) -> PromptSettings:
     """From a plain dict (a recipe's `prompt:` section or prompt.* overrides)."""
-    from tunelab.config import build_dataclass, build_method_config
+    from tunelab.config import build_with_method
 
     values = dict(values)
-    method = values.pop("method", None)
     verbalizers = values.pop("verbalizers", None)
-    if isinstance(method, str):
-        method = {"name": method}
-    settings = build_dataclass(PromptSettings, values, "prompt")
-    if method is not None:
-        settings.method = build_method_config(method)
+    settings = build_with_method(PromptSettings, values, "prompt")
     if verbalizers is not None:
         settings.verbalizers = check_verbalizers(verbalizers)
     return settings
