@@ -163,16 +163,42 @@ def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):
     assert results["train"]["precision"] == "bf16"
 
 
-def test_the_heap_is_trimmed_at_every_log_line(tiny_overrides, tmp_path, monkeypatch):
-    """Batches change shape every step and glibc's heap fragments; each log line hands the
-    free pages back (malloc_trim), which is what keeps long pretraining runs flat."""
-    from tunelab.train import loop
+def test_each_log_line_may_trim_the_heap(tiny_overrides, tmp_path, monkeypatch):
+    """Batches change shape every step and glibc's heap fragments; each log line asks the
+    trimmer, which hands the free pages back once resident memory has grown (unit tests in
+    test_memory.py)."""
+    from tunelab.train import memory
 
     calls = []
-    real = loop.return_freed_memory
-    monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(real()))
+    real = memory.HeapTrimmer.__call__
+    monkeypatch.setattr(memory.HeapTrimmer, "__call__", lambda self: calls.append(real(self)))
     overrides = [o for o in tiny_overrides if o != "train.epochs=20"]
     assert main(["train", *overrides, "train.max_steps=12", "train.log_every=4"]) == 0
     logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r
               and "split" not in r]
     assert len(calls) == len(logged) == 3
+
+
+def test_kept_embedding_gradients_train_as_torch_does(tiny_overrides, tmp_path, monkeypatch):
+    """The embeddings' gradients added row by row into kept tensors (train/embedding_grads)
+    train to the same weights as torch's dense gradients."""
+    from safetensors.torch import load_file
+
+    from tunelab.train import embedding_grads
+
+    overrides = [o for o in tiny_overrides if o != "train.epochs=20"]
+    overrides += ["train.max_steps=8", "train.eval_every=null"]
+    built = []
+    real = embedding_grads.EmbeddingGrads.__init__
+    monkeypatch.setattr(embedding_grads.EmbeddingGrads, "__init__",
+                        lambda self, model: built.append(self) or real(self, model))
+    weights = []
+    for min_rows in (10**9, 1):  # torch's dense gradients, then every table kept
+        monkeypatch.setattr(embedding_grads, "MIN_ROWS", min_rows)
+        run = tmp_path / f"run{len(weights)}"
+        assert main(["train", *overrides, f"run_dir={run}"]) == 0
+        weights.append(load_file(run / "model" / "model.safetensors"))
+    assert len(built[0]) == 0 and len(built[1]) >= 2  # word, position (and token-type) tables
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)

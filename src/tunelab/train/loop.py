@@ -27,6 +27,7 @@ from tunelab.methods import registry
 from tunelab.train import engines
 from tunelab.train.batching import shard, train_batches
 from tunelab.train.evaluate import autocast, evaluate
+from tunelab.train.memory import HeapTrimmer
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.setup import Prepared, prepare
 
@@ -87,6 +88,7 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
     bar = p.progress(state.step)
     epoch, pos = divmod(state.step, p.steps_per_epoch)
     model.train()
+    trim_heap = HeapTrimmer()
     window = {"loss": 0.0, "items": 0, "tokens": 0, "t0": time.perf_counter()}
     while state.step < p.total_steps and not state.stopped_early:
         batches = shard(train_batches(p.train.lengths, cfg.batch_size, cfg.seed, epoch,
@@ -106,6 +108,7 @@ def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == p.total_steps:
                 log_train(p, state, window, scheduler, bar)
+                trim_heap()
             after_step(p, spec, model, optimizer, scheduler, state, on_evaluate)
             if state.step >= p.total_steps or state.stopped_early:
                 break
@@ -126,6 +129,8 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
     if acc.num_processes > 1:
         total = int(acc.reduce(torch.tensor(local_items, device=acc.device), "sum").item())
     loss_sum, tokens = 0.0, 0
+    if p.embedding_grads is not None:
+        p.embedding_grads.attach()
     for i, batch in enumerate(batches):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = i == len(batches) - 1
@@ -161,32 +166,7 @@ def log_train(p: Prepared, state: LoopState, window: dict, scheduler, bar) -> No
               "samples_per_s": float(stats[1]) / seconds, "tokens_per_s": float(stats[2]) / seconds}
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     p.log(record)
-    return_freed_memory()
     window.update(loss=0.0, items=0, tokens=0, t0=time.perf_counter())
-
-
-def return_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
-
-    Batches change shape every step (lengths; in masked LM the number of masked positions), so
-    freed activation buffers rarely fit the next step's and glibc's heap fragments: a 15,000-step
-    pretraining of a 1.1M-parameter model grew to 3.3 GB. Trimming at each log line cut the
-    peak of 1,500 such steps from 2,288 to 1,671 MB (docs/pretraining.md)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def after_step(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,

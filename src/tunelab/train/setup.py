@@ -18,6 +18,7 @@ from tunelab.tasks import get_task
 from tunelab.tasks.base import Task
 from tunelab.train import engines
 from tunelab.train.dropout import use_fast_dropout
+from tunelab.train.embedding_grads import EmbeddingGrads
 from tunelab.train.frozen import cache_frozen_casts
 
 
@@ -42,6 +43,8 @@ class Prepared:
     saved: set[str] | None = None
     """Names of the parameters a checkpoint keeps (None: the whole state dict), read before an
     engine wraps the model and renames or flattens them."""
+    embedding_grads: EmbeddingGrads | None = None
+    """Kept dense gradients of the large embeddings (one CPU process, plain engine)."""
 
     @property
     def train(self):
@@ -100,11 +103,15 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
         use_fast_dropout(model)
     if engines.kind(accelerator) == "plain":  # a sharding engine would keep whole copies
         cache_frozen_casts(model)
+    plain_cpu = (engines.kind(accelerator) == "plain" and accelerator.num_processes == 1
+                 and accelerator.device.type == "cpu")
+    embedding_grads = EmbeddingGrads(model) if plain_cpu else None
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
     p = Prepared(config, task, accelerator, run_dir, data.labels, model, built.tokenizer, encoded,
-                 built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet)
+                 built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet,
+                 embedding_grads=embedding_grads)
     if accelerator.is_main_process:
         write_run_files(p, data, threads, precision, fast_dropout, resume is not None)
     start_tracker(p)
