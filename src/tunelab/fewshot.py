@@ -183,6 +183,7 @@ class SetFitClassifier:
     def _train_body(self, texts: list[str], pairs: list[tuple[int, int, float]]) -> None:
         """CosineSimilarityLoss: MSE between cos(u, v) and the pair's target."""
         from tunelab.methods import registry
+        from tunelab.train.embedding_grads import EmbeddingGrads
         from tunelab.train.optim import build_optimizer, build_scheduler
 
         s = self.settings
@@ -194,12 +195,14 @@ class SetFitClassifier:
         scheduler = build_scheduler(optimizer, "linear", steps, s.warmup_ratio)
         generator = torch.Generator().manual_seed(s.seed)
         torch.manual_seed(s.seed)  # dropout
+        kept = EmbeddingGrads(self.encoder)  # full fine-tuning: the word embedding trains
         self.encoder.train()
         for _ in range(s.epochs):
             order = torch.randperm(len(pairs), generator=generator).tolist()
             for start in range(0, len(order), s.batch_size):
                 batch = [pairs[i] for i in order[start:start + s.batch_size]]
                 used = sorted({i for a, b, _ in batch for i in (a, b)})  # embed each text once
+                kept.attach()
                 row = {i: r for r, i in enumerate(used)}
                 vectors = self._embed_ids([ids[i] for i in used])  # (U, H)
                 a = vectors[[row[a] for a, _, _ in batch]]

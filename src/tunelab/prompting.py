@@ -241,6 +241,7 @@ class PromptClassifier:
     def _train(self, index: int, texts: list[str], labels: list[int]) -> list[float]:
         """LM-BFF's objective: cross-entropy over the label scores."""
         from tunelab.methods import registry
+        from tunelab.train.embedding_grads import EmbeddingGrads
         from tunelab.train.optim import build_optimizer, build_scheduler
 
         s, model = self.settings, self.models[index]
@@ -254,6 +255,8 @@ class PromptClassifier:
         from tqdm.auto import tqdm
 
         losses = []
+        # full fine-tuning: the word embedding trains; GPUs have no use for kept gradients
+        kept = EmbeddingGrads(model) if self.device.type == "cpu" else None
         model.train()
         bar = tqdm(total=steps, unit="step", desc=f"prompt {index + 1}/{len(self.patterns)}",
                    dynamic_ncols=True, mininterval=1.0, leave=False)
@@ -261,6 +264,8 @@ class PromptClassifier:
             order = torch.randperm(len(texts), generator=generator).tolist()
             for start in range(0, len(order), s.batch_size):
                 batch = order[start:start + s.batch_size]
+                if kept:
+                    kept.attach()
                 scores = self.label_scores(index, [texts[i] for i in batch])  # (B, C)
                 target = torch.tensor([labels[i] for i in batch], device=scores.device)
                 loss = torch.nn.functional.cross_entropy(scores, target)

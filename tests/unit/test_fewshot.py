@@ -3,6 +3,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from conftest import toy_rows
 
 from tunelab.data.classification import Example
@@ -125,3 +126,23 @@ def test_setfit_with_lora_saves_only_the_adapter(tiny_bert, toy_split, tmp_path)
     again = SetFitClassifier.load(folder)
     texts = [e.text for e in test[:10]]
     assert np.array_equal(again.predict_proba(texts), clf.predict_proba(texts))
+
+
+def test_setfit_with_kept_embedding_gradients_trains_as_torch_does(tiny_bert, toy_split,
+                                                                    monkeypatch):
+    """The encoder's embeddings' gradients added into kept tensors (train/embedding_grads,
+    for tables of MIN_ROWS rows and more) give the same training as torch's dense ones."""
+    from tunelab.train import embedding_grads
+
+    train, _ = toy_split
+    texts, labels = [e.text for e in train], [e.label for e in train]
+    runs = []
+    for min_rows in (10**9, 1):
+        monkeypatch.setattr(embedding_grads, "MIN_ROWS", min_rows)
+        clf = SetFitClassifier(tiny_bert, LABELS, SetFitSettings(lr=3e-3, num_iterations=5,
+                                                                 max_length=32, seed=0))
+        clf.fit(texts, labels)
+        runs.append((clf.losses, clf.embed(texts)))
+    assert any(m.sparse for m in clf.encoder.modules() if isinstance(m, torch.nn.Embedding))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)

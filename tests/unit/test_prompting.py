@@ -205,3 +205,20 @@ def test_fewshot_eval_runs_the_prompt_method(tiny_mlm, tmp_path):
     assert 0 <= results["runs"][0]["accuracy"] <= 1
     assert results["prompt"]["epochs"] == 2
     assert "| prompt | 4 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_kept_embedding_gradients_train_a_tied_masked_lm_as_torch_does(tiny_mlm, monkeypatch):
+    """Full fine-tuning through the pattern trains the word embedding, tied to the MLM
+    head's output layer: kept gradients (train/embedding_grads) give the same losses."""
+    from tunelab.train import embedding_grads
+
+    texts, labels = _split(toy_rows(16, 5))
+    losses = []
+    for min_rows in (10**9, 1):
+        monkeypatch.setattr(embedding_grads, "MIN_ROWS", min_rows)
+        clf = PromptClassifier(tiny_mlm["mlm"], LABELS, _settings(
+            patterns=["{text} it was {mask}."], lr=8e-3, epochs=3, batch_size=8))
+        clf.fit(texts, labels)
+        losses.append(clf.losses[0])
+    assert any(m.sparse for m in clf.models[0].modules() if isinstance(m, torch.nn.Embedding))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5, atol=1e-7)

@@ -8,8 +8,9 @@ step, against 1.5 ms here. `EmbeddingGrads` switches a model's large trainable e
 sparse gradients (the touched rows only) and keeps one dense gradient tensor per embedding:
 autograd adds the rows into it in place, so the clipping and the optimizer see the dense
 gradient they always did. A weight tied to an output layer (masked LM) gets that layer's
-dense gradient added into the same tensor. Used for one process on the plain engine only:
-DDP, FSDP and DeepSpeed reduce the gradients themselves.
+dense gradient added into the same tensor. Used on CPU by `tunelab train` (one process on
+the plain engine: DDP, FSDP and DeepSpeed reduce the gradients themselves), SetFit's encoder
+training and prompt-based training.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class EmbeddingGrads:
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         seen = set()
         for module in model.modules():
-            if type(module) is not nn.Embedding or module.num_embeddings < MIN_ROWS:
+            if not isinstance(module, nn.Embedding) or module.num_embeddings < MIN_ROWS:
                 continue
             weight = module.weight
             if not weight.requires_grad or module.max_norm is not None:
