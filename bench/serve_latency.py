@@ -156,6 +156,23 @@ def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path,
             "agreement": agreement(labels, reference)}
 
 
+def bench_in_process(target: Path, texts: list[str], args, reference: list[str],
+                     **load_kwargs) -> dict:
+    """`tunelab.load(...).predict(list)` in this process (what `tunelab predict` runs), on the
+    sentences the pipeline got as one list."""
+    import tunelab
+
+    predictor = tunelab.load(target, **load_kwargs)
+    predictor.predict(texts[:8])  # warm up
+    n = args.batched * args.clients * args.batch
+    batch = [texts[i % len(texts)] for i in range(n)]
+    t = time.perf_counter()
+    predictor.predict(batch)
+    wall = time.perf_counter() - t
+    labels = [p["label"] for p in predictor.predict(texts[:len(reference)])]
+    return {"throughput": n / wall, "sentences": n, "agreement": agreement(labels, reference)}
+
+
 # --------------------------------------------------------------------------------------------
 # tunelab serve in a child process
 
@@ -290,6 +307,10 @@ SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
                  "bf16": "tunelab serve, run in bf16 (torch autocast)",
                  "onnx": "tunelab serve, onnx export (ONNX Runtime, fp32)",
                  "int8": "tunelab serve, int8 export (ONNX Runtime, int8 weights)"}
+IN_PROCESS_TITLES = {"fp32": "tunelab.load(run, precision=\"fp32\") (torch)",
+                     "bf16": "tunelab.load(run, precision=\"bf16\") (torch autocast)",
+                     "onnx": "tunelab.load(onnx export) (ONNX Runtime, fp32)",
+                     "int8": "tunelab.load(int8 export) (ONNX Runtime, int8 weights)"}
 
 
 def markdown(result: dict) -> str:
@@ -325,6 +346,7 @@ def markdown(result: dict) -> str:
         "sentences (SST-2) given the label the run itself gives them in fp32 "
         "(`tunelab.load(run, precision=\"fp32\")`); the exports are made by `tunelab export` "
         "in the benchmark.",
+        *in_process_markdown(result),
         common.markdown_table(
             ["memory (RSS, MB)", "1 adapter", f"{n} adapters", "per extra adapter"],
             [memory_row(mem, "serve", "loaded", n, "tunelab serve (one shared base), loaded"),
@@ -336,6 +358,26 @@ def markdown(result: dict) -> str:
         "runs; the loaded figures are the stable ones. The server process also holds the "
         "HTTP stack; the tunelab.load process does not.",
     ])
+
+
+def in_process_markdown(result: dict) -> list[str]:
+    """The in-process prediction table (results written before it was measured lack it)."""
+    found = result.get("in_process")
+    if not found:
+        return []
+    base = result["pipeline"]["throughput"]
+    rows = [[IN_PROCESS_TITLES[key], common.fmt(r["throughput"], 0),
+             f"{r['throughput'] / base:.2f}x", f"{r['agreement']:.2%}"]
+            for key, r in found.items()]
+    rows.insert(0, ["transformers.pipeline (batch_size "
+                    f"{result['args']['batch']})", common.fmt(base, 0), "1.00x",
+                    f"{result['pipeline']['agreement']:.2%}"])
+    return [common.markdown_table(["prediction in one process, no HTTP", "sentences/s",
+                                   "vs pipeline", "agreement with the fp32 run"], rows),
+            f"The same {found[next(iter(found))]['sentences']:,} sentences as one list: "
+            "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
+            "`tunelab eval` run: length-sorted batches of 64, bf16 autocast where the CPU has "
+            "it) against the pipeline."]
 
 
 def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:
@@ -365,6 +407,10 @@ def main(argv=None) -> None:
                                     "max_wait_ms", "threads")}}
         result["pipeline"] = bench_pipeline(run_dir, texts, args, workdir, reference)
         print(f"pipeline: {result['pipeline']}", file=sys.stderr)
+        result["in_process"] = {
+            precision: bench_in_process(run_dir, texts, args, reference, precision=precision)
+            for precision in ("fp32", "bf16")}
+        print(f"in process: {result['in_process']}", file=sys.stderr)
         result["serve"] = {}
         for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
             result["serve"][precision] = bench_server(run_dir, precision, texts, args,
@@ -374,6 +420,8 @@ def main(argv=None) -> None:
             folder = export(run_dir, kind, workdir / kind)
             result["serve"][kind] = bench_server(folder, "auto", texts, args, reference)
             print(f"serve {kind} export: {result['serve'][kind]}", file=sys.stderr)
+            result["in_process"][kind] = bench_in_process(folder, texts, args, reference)
+            print(f"in process {kind} export: {result['in_process'][kind]}", file=sys.stderr)
         result["memory"] = bench_memory(run_dir, texts, args)
         print(f"memory: {result['memory']}", file=sys.stderr)
     common.write_json(args.out, result)

@@ -34,7 +34,7 @@ def export(run_dir: str | Path, kind: str, out: str | Path | None = None) -> Pat
         raise TunelabError(f"--to must be one of {', '.join(KINDS)}; got {kind!r}")
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "export" / kind
-    predictor = Predictor.from_run(run_dir, precision="fp32")
+    predictor = Predictor.from_run(run_dir, precision="fp32", merge=False)
     tmp = staging_dir(out)
     try:
         {"merged": _merged, "adapter": _adapter, "onnx": _onnx, "int8": _int8}[kind](

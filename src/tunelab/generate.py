@@ -64,9 +64,10 @@ class Generator:
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 8,
-                 max_new_tokens: int = 256) -> "Generator":
+                 max_new_tokens: int = 256, merge: bool = True) -> "Generator":
         """An instruction run: model/ as saved, or the base + method + adapter/ weights.
-        precision: auto (what the run trained with), bf16 or fp32."""
+        precision: auto (what the run trained with), bf16 or fp32; merge: as
+        `Predictor.from_run`."""
         from tunelab.predict import load_run_model
         from tunelab.train.evaluate import resolve_precision
 
@@ -75,7 +76,7 @@ class Generator:
         if config.task.name != "instruction":
             raise TunelabError(f"{run_dir} is a {config.task.name} run; generation needs an "
                                f"instruction run or a causal LM model name")
-        model, tokenizer = load_run_model(run_dir, config, labels, env)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
         chosen = env.get("precision", "fp32") if precision == "auto" else precision
         device = _device()
         generator = cls(model.to(device), tokenizer, config,

@@ -35,13 +35,15 @@ class LMPredictor:
         self.run_dir: Path | None = None
 
     @classmethod
-    def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64) -> "LMPredictor":
-        """precision: auto (what the run trained with), bf16 or fp32."""
+    def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64,
+                 merge: bool = True) -> "LMPredictor":
+        """precision: auto (what the run trained with), bf16 or fp32; merge: as
+        `Predictor.from_run`."""
         from tunelab.predict import load_run_model
 
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
-        model, tokenizer = load_run_model(run_dir, config, labels, env)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
         chosen = env.get("precision", "fp32") if precision == "auto" else precision
         predictor = cls(model, tokenizer, config, resolve_precision(chosen, "cpu") == "bf16",
                         batch_size)

@@ -67,11 +67,13 @@ class TaggingPredictor:
         self.run_dir: Path | None = None
 
     @classmethod
-    def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64):
-        """precision: auto (what the run trained with), bf16 or fp32."""
+    def from_run(cls, run_dir, precision: str = "auto", batch_size: int = 64,
+                 merge: bool = True):
+        """precision: auto (what the run trained with), bf16 or fp32; merge: as
+        `Predictor.from_run`."""
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
-        model, tokenizer = load_run_model(run_dir, config, labels, env)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
         chosen = env.get("precision", "fp32") if precision == "auto" else precision
         bf16 = resolve_precision(chosen, "cpu") == "bf16"
         predictor = cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size,

@@ -101,7 +101,7 @@ def verify(run_dir: str | Path, exports: list[str | Path], texts: list[str], pai
            server: Server | None = None) -> list[Check]:
     from tunelab.predict import Predictor
 
-    predictor = Predictor.from_run(run_dir, precision="fp32")
+    predictor = Predictor.from_run(run_dir, precision="fp32", merge=False)
     reference = predictor.logits(texts, pairs)
     checks = []
     for folder in map(Path, exports):

@@ -58,6 +58,18 @@ def test_lora_run_reloads_with_identical_predictions(tiny_overrides, toy_data, t
     assert torch.equal(predictor.logits(texts), again)
     preds = predictor.predict(texts)
     assert [p["label"] for p in preds] == [predictor.labels[i] for i in again.argmax(-1)]
+    # loaded for prediction, LoRA is folded into the base weights; merge=False keeps it apart
+    assert not type(predictor.model).__name__.startswith("Peft")
+    assert not any("lora_" in name for name, _ in predictor.model.named_parameters())
+    apart = tunelab.load(run, merge=False)
+    assert type(apart.model).__name__.startswith("Peft")
+    torch.testing.assert_close(apart.logits(texts), again, rtol=1e-4, atol=1e-5)
+    for flag, name in (([], "merged.jsonl"), (["--no-merge"], "apart.jsonl")):
+        assert main(["predict", str(run), "--input", toy_data["test"],
+                     "--output", str(tmp_path / name), *flag]) == 0
+    merged, kept = read_jsonl(tmp_path / "merged.jsonl"), read_jsonl(tmp_path / "apart.jsonl")
+    assert [r["predicted_label"] for r in merged] == [r["predicted_label"] for r in kept]
+    assert [r["score"] for r in merged] == pytest.approx([r["score"] for r in kept], abs=1e-5)
     assert sum(preds[0]["scores"].values()) == pytest.approx(1.0)
     assert results["test"]["accuracy"] >= 0.6
 

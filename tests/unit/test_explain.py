@@ -124,7 +124,7 @@ def test_pairs_and_a_chosen_label(full):
 
 
 def test_an_adapter_run_leaves_the_served_model_untouched(runs):
-    predictor = tunelab.load(runs["lora"])
+    predictor = tunelab.load(runs["lora"], merge=False)  # the adapter kept apart from the base
     assert type(predictor.model).__name__.startswith("PeftModel")
     texts = ["the film was great", "a dull plot", "superb cast"]
     before = predictor.logits(texts)

@@ -10,7 +10,7 @@ def cmd_eval(args) -> None:
     import tunelab
     from tunelab.io import atomic_write_json
 
-    predictor = tunelab.load(args.run_dir, precision=args.precision)
+    predictor = tunelab.load(args.run_dir, precision=args.precision, merge=args.merge)
     metrics, tracker, problems = predictor.evaluate_file(args.data, args.format)
     for pr in problems[:10]:
         print(f"skipped {pr.where()}: {pr.reason}", file=sys.stderr)
@@ -35,7 +35,7 @@ def cmd_predict(args) -> None:
         predictor = exported.load(args.run_dir, batch_size=args.batch_size)
     else:
         predictor = tunelab.load(args.run_dir, precision=args.precision,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, merge=args.merge)
     out_rows = predictor.predict_file(args.input, args.format)
     write_rows(args.output, out_rows, args.out_format or "auto")
     print(f"{len(out_rows)} predictions written to {args.output}", file=sys.stderr)
