@@ -272,10 +272,12 @@ def bench_memory(run_dir: Path, texts: list[str], args) -> dict:
 
 
 def fp32_labels(run_dir: Path, texts: list[str]) -> list[str]:
-    """What the run itself says, in fp32: the reference of the agreement column."""
+    """What the run itself says, in fp32 and with its adapter kept apart from the base (the
+    model as it trained): the reference of the agreement column."""
     import tunelab
 
-    return [p["label"] for p in tunelab.load(run_dir, precision="fp32").predict(texts)]
+    predictor = tunelab.load(run_dir, precision="fp32", merge=False)
+    return [p["label"] for p in predictor.predict(texts)]
 
 
 def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
@@ -344,7 +346,8 @@ def markdown(result: dict) -> str:
         f"gets them as {a['clients']} concurrent HTTP clients. The client shares the machine "
         f"with the server. Agreement: the share of {result['agreement_n']:,} demo test "
         "sentences (SST-2) given the label the run itself gives them in fp32 "
-        "(`tunelab.load(run, precision=\"fp32\")`); the exports are made by `tunelab export` "
+        "(`tunelab.load(run, precision=\"fp32\", merge=False)`: the model as it trained); the "
+        "exports are made by `tunelab export` "
         "in the benchmark.",
         *in_process_markdown(result),
         common.markdown_table(
@@ -376,8 +379,9 @@ def in_process_markdown(result: dict) -> list[str]:
                                    "vs pipeline", "agreement with the fp32 run"], rows),
             f"The same {found[next(iter(found))]['sentences']:,} sentences as one list: "
             "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
-            "`tunelab eval` run: length-sorted batches of 64, bf16 autocast where the CPU has "
-            "it) against the pipeline."]
+            "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
+            "batches of 64, bf16 autocast where the CPU has it) against the pipeline; the "
+            "server keeps adapters apart from the base they share."]
 
 
 def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:
