@@ -9,8 +9,12 @@ for one epoch, about two minutes):
              and in bf16 (torch), and its onnx and int8 exports (ONNX Runtime, exported here);
              one sentence per request, sequentially (p50/p99 latency), then CLIENTS concurrent
              clients sending BATCH sentences per request (sentences/s)
+  in process `tunelab.load(...).predict(list)` for the run (fp32, bf16; the adapter folded
+             in, as `tunelab predict` runs it) and for its onnx/int8 exports, on the sentences
+             the pipeline gets as one list
   agreement  every configuration labels the AGREE first demo test sentences; the share whose
-             label equals the run's own fp32 prediction (`tunelab.load`, in this process)
+             label equals the run's own fp32 prediction, adapter apart (`tunelab.load(...,
+             merge=False)`, in this process)
   memory     RSS of the server with 1 adapter and with ADAPTERS copies of it under different
              names (they share the base), and of one process holding ADAPTERS
              `tunelab.load` predictors (no sharing)
