@@ -150,6 +150,12 @@ class TrainConfig:
     drop probability, 3x cheaper masks (MiniLM on 3,000 SST-2 rows, paired runs: full
     fine-tuning 1.00-1.16x faster, median 1.09x; LoRA 1.08-1.19x), a different random stream
     from torch's own dropout; false = torch's dropout. GPUs always use torch's."""
+    keep_embedding_grads: bool = True
+    """On CPU (one process), the gradient of each trainable embedding of 4,096+ rows is added
+    row by row into a tensor kept across steps (tunelab.train.embedding_grads) instead of a
+    fresh table-sized one each step: the same values, 11-13 ms less per MiniLM step, Gemma-3
+    full fine-tuning 20% faster; the kept tensor stays resident (47 MB for MiniLM, 671 MB for
+    Gemma-3, whose peak grew by 1.2 GB); false = torch's dense gradients."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     group_by_length: bool = True

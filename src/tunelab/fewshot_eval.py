@@ -244,9 +244,10 @@ COMMON = ("labels", "pool", "test", "pool_source", "test_source", "model")
 """What every run of a results.json shares: the data and the model."""
 
 
-NOT_SETTINGS = ("seed", "fast_dropout")
+NOT_SETTINGS = ("seed", "fast_dropout", "keep_embedding_grads")
 """train.* keys left out of finetune's settings: the seed is each run's own; fast_dropout draws
-the same dropout from another random stream, as a torch upgrade may."""
+the same dropout from another random stream, as a torch upgrade may; keep_embedding_grads
+gives the same gradients."""
 
 
 def run_settings(plan: Plan, info: dict) -> dict:

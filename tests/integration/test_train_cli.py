@@ -193,24 +193,22 @@ def test_each_log_line_may_trim_the_heap(tiny_overrides, tmp_path, monkeypatch):
 
 def test_kept_embedding_gradients_train_as_torch_does(tiny_overrides, tmp_path, monkeypatch):
     """The embeddings' gradients added row by row into kept tensors (train/embedding_grads)
-    train to the same weights as torch's dense gradients."""
+    train to the same weights as torch's dense gradients (train.keep_embedding_grads=false)."""
     from safetensors.torch import load_file
 
     from tunelab.train import embedding_grads
 
+    monkeypatch.setattr(embedding_grads, "MIN_ROWS", 1)  # the tiny model's tables are small
     overrides = [o for o in tiny_overrides if o != "train.epochs=20"]
     overrides += ["train.max_steps=8", "train.eval_every=null"]
-    built = []
-    real = embedding_grads.EmbeddingGrads.__init__
-    monkeypatch.setattr(embedding_grads.EmbeddingGrads, "__init__",
-                        lambda self, model: built.append(self) or real(self, model))
-    weights = []
-    for min_rows in (10**9, 1):  # torch's dense gradients, then every table kept
-        monkeypatch.setattr(embedding_grads, "MIN_ROWS", min_rows)
-        run = tmp_path / f"run{len(weights)}"
-        assert main(["train", *overrides, f"run_dir={run}"]) == 0
+    weights, kept = [], []
+    for keep in ("false", "true"):
+        run = tmp_path / f"run-{keep}"
+        assert main(["train", *overrides, f"train.keep_embedding_grads={keep}",
+                     f"run_dir={run}"]) == 0
         weights.append(load_file(run / "model" / "model.safetensors"))
-    assert len(built[0]) == 0 and len(built[1]) >= 2  # word, position (and token-type) tables
+        kept.append(json.loads((run / "env.json").read_text())["kept_embedding_grads"])
+    assert kept[0] == 0 and kept[1] >= 2  # word, position (and token-type) tables
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -105,7 +105,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
         cache_frozen_casts(model)
     plain_cpu = (engines.kind(accelerator) == "plain" and accelerator.num_processes == 1
                  and accelerator.device.type == "cpu")
-    embedding_grads = EmbeddingGrads(model) if plain_cpu else None
+    keep = config.train.keep_embedding_grads and plain_cpu
+    embedding_grads = EmbeddingGrads(model) if keep else None
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = config.train.lr or spec.default_lr
@@ -219,6 +220,7 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropou
     atomic_write_json(p.run_dir / "env.json", runs.environment(p.config, {
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
         "dropout": "fast (16-bit masks)" if fast_dropout else "torch",
+        "kept_embedding_grads": len(p.embedding_grads) if p.embedding_grads else 0,
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))
