@@ -13,6 +13,14 @@ from tunelab.cli.info import (cmd_config, cmd_methods, cmd_runs_compare, cmd_run
 from tunelab.cli.training import cmd_check, cmd_compare, cmd_pretrain, cmd_search, cmd_train
 
 
+def add_no_merge(p: argparse.ArgumentParser) -> None:
+    """`--no-merge` of the verbs that load a run for prediction (eval, predict)."""
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="keep a LoRA/AdaLoRA/IA3 adapter apart from the base weights (by default "
+                        "it is folded in: 1.25x faster; in bf16 a few labels in a thousand can "
+                        "differ)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description=(
         "Adapt pretrained transformers to your task, then evaluate, compare and predict."))
@@ -42,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto")
     p.add_argument("--out", help="folder for metrics.json (and plots such as confusion_eval.png)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--no-merge", dest="merge", action="store_false",
-                   help="keep a LoRA/AdaLoRA/IA3 adapter apart from the base weights (by default "
-                        "it is folded in: 1.25x faster; in bf16 a few labels in a thousand can "
-                        "differ)")
+    add_no_merge(p)
     p.set_defaults(fn=cmd_eval)
 
     p = verbs.add_parser("predict", help="label every row of a file")
@@ -57,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-format", help="output format (default: from the output extension)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--no-merge", dest="merge", action="store_false",
-                   help="keep a LoRA/AdaLoRA/IA3 adapter apart from the base weights (by default "
-                        "it is folded in: 1.25x faster; in bf16 a few labels in a thousand can "
-                        "differ)")
+    add_no_merge(p)
     p.set_defaults(fn=cmd_predict)
 
     for verb, help_text in (("generate", "generate replies to prompts (instruction run or model)"),

@@ -101,11 +101,11 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
-    if engines.kind(accelerator) == "plain":  # a sharding engine would keep whole copies
+    plain = engines.kind(accelerator) == "plain"
+    if plain:  # a sharding engine would keep whole copies
         cache_frozen_casts(model)
-    plain_cpu = (engines.kind(accelerator) == "plain" and accelerator.num_processes == 1
-                 and accelerator.device.type == "cpu")
-    keep = config.train.keep_embedding_grads and plain_cpu
+    keep = (config.train.keep_embedding_grads and plain and accelerator.num_processes == 1
+            and accelerator.device.type == "cpu")
     embedding_grads = EmbeddingGrads(model) if keep else None
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
