@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tunelab.config import DataConfig, resolve_config
-from tunelab.data.tagging import (Sentence, detect_scheme, format_preflight,
-                                  load_labeled_tagging_file, load_tagging_data, to_scheme)
+from tunelab.data.tag_schemes import detect_scheme, to_scheme
+from tunelab.data.tagging import (Sentence, format_preflight, load_labeled_tagging_file,
+                                  load_tagging_data)
 from tunelab.errors import ConfigError, DataError
 from tunelab.predict_tagging import split_words
 from tunelab.tasks.token_classification import (TaggingMetrics, TokenClassificationSettings,
@@ -268,7 +269,7 @@ def noisy(rng, tags, labels):
 def test_streaming_metrics_equal_seqeval(scheme):
     from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-    from tunelab.data.tagging import complete_tags
+    from tunelab.data.tag_schemes import complete_tags
 
     rng = random.Random(7)
     types = ["LOC", "MISC", "ORG", "PER"]

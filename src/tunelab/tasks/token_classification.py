@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.tagging import SCHEMES
+from tunelab.data.tag_schemes import SCHEMES
 from tunelab.errors import ConfigError, ModelError
 from tunelab.tasks import register_task
 from tunelab.tasks.base import BuiltModel, Task, TaskSettings, load_with_head
@@ -173,7 +173,7 @@ class TaggingMetrics:
     accuracy and loss. Nothing per sentence is kept, so memory stays flat on any split."""
 
     def __init__(self, labels: list[str]):
-        from tunelab.data.tagging import entity_types
+        from tunelab.data.tag_schemes import entity_types
 
         self.labels = list(labels)
         self.types = entity_types(labels)
