@@ -71,7 +71,15 @@ if stop_at:
     loop.train = lambda config, resume=None, quiet=False, on_evaluate=None: train(
         config, resume, quiet, stop)
 from tunelab.cli import main
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+# the sharded model must be gone before the interpreter shuts down (see loop.end_processes)
+import gc
+from torch.distributed.fsdp import FSDPModule
+left = sum(isinstance(o, FSDPModule) for o in gc.get_objects())
+if left and not code:
+    print(f"{left} sharded modules outlive the run", file=sys.stderr)
+    code = 3
+sys.exit(code)
 """
 
 

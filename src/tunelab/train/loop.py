@@ -11,6 +11,7 @@ the few places where the loop must act differently under a sharding engine (docs
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import resource
@@ -79,7 +80,25 @@ def train(config, resume: str | Path | None = None, quiet: bool = False,
             p.say(f"resuming {p.run_dir} at step {state.step} of {p.total_steps}")
         run_loop(p, spec, model, optimizer, scheduler, state, on_evaluate)
         finish(p, spec, model, state)
-    return p.run_dir
+        run_dir = p.run_dir
+        del p, model, optimizer, scheduler  # see end_processes
+    end_processes(acc)
+    return run_dir
+
+
+def end_processes(acc) -> None:
+    """Every process leaves together and drops the model before the process group goes.
+
+    An engine's sharded model holds the process group's workers (FSDP keeps the group itself);
+    freed only when the interpreter shuts down, a worker that still releases a tensor then
+    needs a Python that is gone and the process aborts ("terminate called without an active
+    exception") after the run was written. So the last references go here, while Python is
+    alive, then the group is destroyed."""
+    acc.wait_for_everyone()
+    if acc.num_processes > 1:
+        acc.free_memory()  # the Accelerator's own references to the model and optimizer
+        gc.collect()
+    acc.end_training()
 
 
 def run_loop(p: Prepared, spec, model, optimizer, scheduler, state: LoopState,
@@ -278,7 +297,6 @@ def finish(p: Prepared, spec, model, state: LoopState) -> None:
 
         atomic_write_json(p.run_dir / "results.json", results)
         p.say(f"run written to {p.run_dir}")
-    acc.end_training()
 
 
 def plan_steps(n_batches: int, train_cfg) -> tuple[int, int]:
