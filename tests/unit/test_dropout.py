@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tunelab.train.dropout import ATTENTION, FastDropout, fast_dropout, use_fast_dropout
+from tunelab.train.dropout import (ATTENTION, BF16_SCORES_FROM, FastDropout, bert_eager_attention,
+                                   fast_dropout, use_fast_dropout)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -106,3 +107,35 @@ def test_other_attention_is_left_alone_and_peft_models_are_reached(tmp_path):
     assert model.config._attn_implementation == ATTENTION
     assert isinstance(wrapped.base_model.model.bert.encoder.layer[0].attention.self.query
                       .lora_dropout["default"], FastDropout)
+
+
+@pytest.mark.parametrize("length", [BF16_SCORES_FROM - 8, BF16_SCORES_FROM + 8])
+def test_attention_under_bf16_autocast_matches_fp32_and_masks_padding(length):
+    """Long rows keep the scores in bf16 (the fp32 mask is cast, its -inf clamped), short rows
+    go through fp32 as transformers does; both agree with fp32 attention and give padded keys
+    no weight, in the forward pass and in the gradients; a row with every key masked is
+    uniform, not NaN, as in fp32."""
+    from types import SimpleNamespace
+
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(training=True)
+    q, k, v = (torch.randn(2, 4, length, 16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, length, length)
+    mask[1, :, :, length - 5:] = torch.finfo(torch.float32).min  # 5 padded keys
+    mask[0, :, 0, :] = torch.finfo(torch.float32).min  # a row with every key masked: uniform
+    with torch.autocast("cpu", torch.bfloat16):
+        out, probs = bert_eager_attention(module, q, k, v, mask)
+    assert probs.dtype == (torch.bfloat16 if length >= BF16_SCORES_FROM else torch.float32)
+    assert torch.isfinite(probs).all() and (probs[1, :, :, length - 5:] == 0).all()
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    assert (grads[2][1, :, length - 5:] == 0).all()  # padded values get no gradient
+    for t in (q, k, v):
+        t.grad = None
+    want, _ = eager_attention_forward(module, q, k, v, mask, scaling=16 ** -0.5)
+    want.square().sum().backward()
+    assert torch.allclose(out.float(), want, atol=0.03, rtol=0.03)
+    for got, t in zip(grads, (q, k, v)):
+        assert torch.allclose(got, t.grad, atol=0.05 * t.grad.abs().max().item())
