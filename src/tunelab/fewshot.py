@@ -33,6 +33,7 @@ from tunelab.config import MethodConfig
 from tunelab.data.classification import Example
 from tunelab.errors import ConfigError, DataError
 from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.fused_lora import fuse_lora_layers
 
 FULL_LR = 2e-5
 """SetFit's learning rate for the whole encoder (the paper's and sentence-transformers')."""
@@ -165,6 +166,7 @@ class SetFitClassifier:
         ctx = registry.ApplyContext("mlm", [], models.model_family(encoder.config))
         encoder = registry.apply_method(encoder, method.name, method.settings, ctx)
         cache_frozen_casts(encoder)
+        fuse_lora_layers(encoder)
         return encoder, tokenizer
 
     def fit(self, texts: list[str], labels: list[int]) -> "SetFitClassifier":

@@ -40,6 +40,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.prompt_settings import (CAUSAL_PATTERN, FULL_LR, MLM_PATTERN, PromptSettings,
                                      causal_prompt, prompt_settings, split_pattern)
 from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.fused_lora import fuse_lora_layers
 
 # --------------------------------------------------------------------------------------------
 # the classifier
@@ -162,6 +163,7 @@ class PromptClassifier:
         ctx = registry.ApplyContext("causal_lm" if self.causal else "mlm", [], self.family)
         model = registry.apply_method(model, method.name, method.settings, ctx)
         cache_frozen_casts(model)
+        fuse_lora_layers(model)
         return model.to(self.device)
 
     # -- scores -------------------------------------------------------------------------------

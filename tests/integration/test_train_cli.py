@@ -39,6 +39,7 @@ def test_lora_run_reloads_with_identical_predictions(tiny_overrides, toy_data, t
                  "method.dropout=0.1"]) == 0
     run = tmp_path / "run"
     assert (run / "adapter" / "weights.safetensors").exists() and not (run / "model").exists()
+    assert json.loads((run / "env.json").read_text())["fused_lora_layers"] > 0  # trained fused
     from safetensors.torch import load_file
 
     saved = load_file(str(run / "adapter" / "weights.safetensors"))

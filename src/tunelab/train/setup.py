@@ -20,6 +20,7 @@ from tunelab.train import engines
 from tunelab.train.dropout import use_fast_dropout
 from tunelab.train.embedding_grads import EmbeddingGrads
 from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.fused_lora import fuse_lora_layers
 
 
 @dataclass
@@ -98,6 +99,7 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if precision == "bf16":
         skip_adapter_input_casts(model)
+    fused_lora = fuse_lora_layers(model)
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
@@ -114,7 +116,7 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet,
                  embedding_grads=embedding_grads)
     if accelerator.is_main_process:
-        write_run_files(p, data, threads, precision, fast_dropout, resume is not None)
+        write_run_files(p, data, threads, precision, fast_dropout, fused_lora, resume is not None)
     start_tracker(p)
     trainable, all_params = p.parameters = registry.count_parameters(model)
     origin = (f"new {config.model.size} model" if config.model.size
@@ -206,7 +208,7 @@ def skip_adapter_input_casts(model) -> int:
 
 
 def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropout: bool,
-                    resumed: bool) -> None:
+                    fused_lora: int, resumed: bool) -> None:
     p.run_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
         if (p.run_dir / "results.json").exists() or (p.run_dir / "state").exists():
@@ -221,6 +223,7 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropou
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
         "dropout": "fast (16-bit masks)" if fast_dropout else "torch",
         "kept_embedding_grads": len(p.embedding_grads) if p.embedding_grads else 0,
+        "fused_lora_layers": fused_lora,
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))

@@ -1,0 +1,76 @@
+"""LoRA's update added inside the matmul (`FusedLoraLinear`): PEFT's function, gradients and
+saved adapter; PEFT's own forward wherever the fused path does not apply."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from tunelab.train.fused_lora import fuse_lora_layers
+
+
+def lora_model(tiny_bert, **settings):
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=["query", "value", "dense"], **settings))
+    with torch.no_grad():  # LoRA's B starts at 0: give the adapter something to say
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def loss_and_grads(model, bf16, backward=True):
+    ids = torch.randint(5, 100, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2:, 7:] = 0
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1, 0])).loss
+    if not backward:
+        return loss.detach(), {}
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_fused_layers_compute_peft_lora(tiny_bert):
+    """In fp32 the same loss and gradients; under bf16 autocast as close to fp32 as PEFT's."""
+    from peft.tuners.lora.layer import Linear
+
+    peft_model, fused = lora_model(tiny_bert), lora_model(tiny_bert)
+    lora_layers = [m for m in fused.modules() if type(m) is Linear]
+    assert fuse_lora_layers(fused) == len(lora_layers) > 4
+    assert all(type(m).__name__ == "FusedLinear" and isinstance(m, Linear) for m in lora_layers)
+    loss_a, grads_a = loss_and_grads(peft_model, False)
+    loss_b, grads_b = loss_and_grads(fused, False)
+    assert loss_b == pytest.approx(loss_a.item(), rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
+    for name, want in grads_a.items():
+        assert torch.allclose(grads_b[name], want, rtol=1e-4, atol=1e-4 * want.abs().max()), name
+    loss_pb, grads_pb = loss_and_grads(peft_model, True)
+    loss_fb, grads_fb = loss_and_grads(fused, True)
+    assert abs(loss_fb - loss_a) <= 2 * abs(loss_pb - loss_a) + 1e-3
+    for name, want in grads_a.items():
+        peft_error = (grads_pb[name] - want).norm()
+        assert (grads_fb[name] - want).norm() <= 2 * peft_error + 1e-3 * want.norm(), name
+    assert fused.state_dict().keys() == peft_model.state_dict().keys()
+
+
+def test_other_cases_are_peft_s_own_forward(tiny_bert):
+    """Disabled or merged adapters, and a LoRA bias (which PEFT scales too), go through PEFT."""
+    reference = lora_model(tiny_bert, lora_bias=True)
+    fused = lora_model(tiny_bert, lora_bias=True)
+    fused.load_state_dict(reference.state_dict())
+    assert fuse_lora_layers(fused) > 0
+    for model in (reference, fused):
+        for name, p in model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(2))
+    loss_a, _ = loss_and_grads(reference, False)
+    loss_b, _ = loss_and_grads(fused, False)
+    assert loss_b == pytest.approx(loss_a.item(), rel=1e-5)
+    with fused.disable_adapter(), reference.disable_adapter():
+        assert loss_and_grads(fused, False, backward=False)[0] == pytest.approx(
+            loss_and_grads(reference, False, backward=False)[0].item(), rel=1e-5)
