@@ -10,7 +10,9 @@ passes were 4% of the time.
 
 Only the plain case takes the fused path: one active LoRA adapter without a variant (DoRA
 ...), not merged, adapters enabled, no per-row `adapter_names`; anything else is PEFT's own
-forward. Weights, state dicts, saved adapters and merging are PEFT's, untouched.
+forward. Weights, state dicts, saved adapters and merging are PEFT's, untouched. Not under
+DeepSpeed: ZeRO-3 gathers a weight when its own module runs, and the fused layer reads
+`lora_B`'s weight without running it (FSDP gathers a whole layer's weights before it runs).
 """
 from __future__ import annotations
 

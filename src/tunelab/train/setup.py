@@ -99,7 +99,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if precision == "bf16":
         skip_adapter_input_casts(model)
-    fused_lora = fuse_lora_layers(model)
+    # ZeRO-3 gathers a weight when its own module runs; the fused layer reads lora_B's directly
+    fused_lora = fuse_lora_layers(model) if engines.kind(accelerator) != "deepspeed" else 0
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
