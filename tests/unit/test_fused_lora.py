@@ -74,3 +74,26 @@ def test_other_cases_are_peft_s_own_forward(tiny_bert):
     with fused.disable_adapter(), reference.disable_adapter():
         assert loss_and_grads(fused, False, backward=False)[0] == pytest.approx(
             loss_and_grads(reference, False, backward=False)[0].item(), rel=1e-5)
+
+
+def test_a_bf16_base_with_fp32_adapters_sums_as_peft_does(tiny_bert):
+    """Without autocast, PEFT's `+` promotes a bf16 base output and an fp32 update to fp32."""
+    models = []
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2,
+                                                                  dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+        if fuse:
+            assert fuse_lora_layers(model) > 0
+        models.append(model.eval())
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = (m(input_ids=ids).logits for m in models)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)

@@ -16,18 +16,14 @@ DeepSpeed: ZeRO-3 gathers a weight when its own module runs, and the fused layer
 """
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import nn
 
 
-def _peft_lora_linear():
-    from peft.tuners.lora.layer import Linear
-
-    return Linear
-
-
 class _Fused:
-    """Mixed into PEFT's `lora.Linear` by `fuse_lora_layers` (a class made per PEFT version)."""
+    """Put before PEFT's `lora.Linear` in the class `fused_class` makes."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not self._plain():
@@ -36,8 +32,9 @@ class _Fused:
         result = self.base_layer(x)
         x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
         low = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
-                          self.lora_B[name].weight.t())
+        # a bf16 base with fp32 adapters (no autocast) sums in fp32, as PEFT's `+` promotes
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(low.dtype),
+                          low.reshape(-1, low.shape[-1]), self.lora_B[name].weight.t())
         return out.view(result.shape).to(result.dtype)
 
     def _plain(self) -> bool:
@@ -49,25 +46,21 @@ class _Fused:
                 and self.lora_B[name].bias is None)  # lora_bias: PEFT scales the bias too
 
 
-_CLASSES: dict[type, type] = {}
+@cache
+def fused_class() -> type:
+    from peft.tuners.lora.layer import Linear
 
-
-def fused_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Fused{cls.__name__}", (_Fused, cls), {})
-    return _CLASSES[cls]
+    return type("FusedLinear", (_Fused, Linear), {})
 
 
 def fuse_lora_layers(model: nn.Module) -> int:
     """Switch every PEFT `lora.Linear` of `model` (exactly that class) to its fused form, in
     place; the number switched."""
-    try:
-        linear = _peft_lora_linear()
-    except ImportError:
-        return 0
+    from peft.tuners.lora.layer import Linear
+
     count = 0
     for module in model.modules():
-        if type(module) is linear:
-            module.__class__ = fused_class(linear)
+        if type(module) is Linear:
+            module.__class__ = fused_class()
             count += 1
     return count
