@@ -68,8 +68,7 @@ class Generator:
         """An instruction run: model/ as saved, or the base + method + adapter/ weights.
         precision: auto (what the run trained with), bf16 or fp32; merge: as
         `Predictor.from_run`."""
-        from tunelab.predict import load_run_model
-        from tunelab.train.evaluate import resolve_precision
+        from tunelab.predict import load_run_model, run_uses_bf16
 
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
@@ -77,11 +76,10 @@ class Generator:
             raise TunelabError(f"{run_dir} is a {config.task.name} run; generation needs an "
                                f"instruction run or a causal LM model name")
         model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
-        chosen = env.get("precision", "fp32") if precision == "auto" else precision
         device = _device()
         generator = cls(model.to(device), tokenizer, config,
-                        resolve_precision(chosen, device.type) == "bf16", batch_size,
-                        max_new_tokens, name=str(run_dir))
+                        run_uses_bf16(env, precision, device.type), batch_size, max_new_tokens,
+                        name=str(run_dir))
         generator.run_dir = run_dir
         return generator
 

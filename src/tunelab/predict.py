@@ -42,9 +42,8 @@ class Predictor:
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
         model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
-        chosen = env.get("precision", "fp32") if precision == "auto" else precision
-        bf16 = resolve_precision(chosen, "cpu") == "bf16"
-        predictor = cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size, config)
+        predictor = cls(model, tokenizer, labels, config.model.max_length,
+                        run_uses_bf16(env, precision), batch_size, config)
         predictor.run_dir = run_dir
         return predictor
 
@@ -131,6 +130,13 @@ def predict_rows(predictor, path: str, data, format: str = "auto",
                                  "score": round(pred["score"], 6)})
             bar.update(len(part))
     return out_rows
+
+
+def run_uses_bf16(env: dict, precision: str, device_type: str = "cpu") -> bool:
+    """The precision rule of every way of loading a run: `auto` is what the run trained with,
+    bf16 or fp32 as asked (bf16 only where the device does it fast)."""
+    chosen = env.get("precision", "fp32") if precision == "auto" else precision
+    return resolve_precision(chosen, device_type) == "bf16"
 
 
 def load_run_model(run_dir: Path, config, labels: list[str], env: dict, merge: bool = False):

@@ -15,7 +15,7 @@ import torch
 from tunelab import runs
 from tunelab.errors import TunelabError
 from tunelab.tasks import get_task
-from tunelab.train.evaluate import autocast, evaluate, resolve_precision
+from tunelab.train.evaluate import autocast, evaluate
 
 MASK_SPELLINGS = re.compile(r"\[MASK\]|<mask>")
 """Users may write either spelling; both become the tokenizer's own mask token."""
@@ -39,14 +39,12 @@ class LMPredictor:
                  merge: bool = True) -> "LMPredictor":
         """precision: auto (what the run trained with), bf16 or fp32; merge: as
         `Predictor.from_run`."""
-        from tunelab.predict import load_run_model
+        from tunelab.predict import load_run_model, run_uses_bf16
 
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
         model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
-        chosen = env.get("precision", "fp32") if precision == "auto" else precision
-        predictor = cls(model, tokenizer, config, resolve_precision(chosen, "cpu") == "bf16",
-                        batch_size)
+        predictor = cls(model, tokenizer, config, run_uses_bf16(env, precision), batch_size)
         predictor.run_dir = run_dir
         return predictor
 

@@ -27,10 +27,10 @@ from tunelab.data.tagging import (Sentence, _as_list, load_labeled_tagging_file,
                                   tagging_format)
 from tunelab.data.readers import read_rows
 from tunelab.errors import DataError
-from tunelab.predict import load_run_model
+from tunelab.predict import load_run_model, run_uses_bf16
 from tunelab.tasks import get_task
 from tunelab.tasks.token_classification import encode_sentences, first_subtokens, word_tags
-from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
+from tunelab.train.evaluate import evaluate, iter_logits
 
 CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 WORD_RE = re.compile(rf"[{CJK}]|(?:(?![{CJK}])\w)+|[^\w\s]")
@@ -74,8 +74,7 @@ class TaggingPredictor:
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
         model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
-        chosen = env.get("precision", "fp32") if precision == "auto" else precision
-        bf16 = resolve_precision(chosen, "cpu") == "bf16"
+        bf16 = run_uses_bf16(env, precision)
         predictor = cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size,
                         config)
         predictor.run_dir = run_dir

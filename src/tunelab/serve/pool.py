@@ -40,10 +40,9 @@ import tunelab
 from tunelab import exported, models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
-from tunelab.predict import Predictor
+from tunelab.predict import Predictor, run_uses_bf16
 from tunelab.tasks import get_task
 from tunelab.tasks.base import BuiltModel
-from tunelab.train.evaluate import resolve_precision
 
 
 @dataclass
@@ -177,11 +176,8 @@ class ModelPool:
         if task != "classification" or spec.saves == "model":
             return self._load_whole(name, run_dir, config, spec.name)
         model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
-        # the same precision rule as Predictor.from_run
-        chosen = env.get("precision", "fp32") if self.precision == "auto" else self.precision
-        bf16 = resolve_precision(chosen, "cpu") == "bf16"
-        predictor = Predictor(model, tokenizer, labels, config.model.max_length, bf16,
-                              self.batch_size, config)
+        predictor = Predictor(model, tokenizer, labels, config.model.max_length,
+                              run_uses_bf16(env, self.precision), self.batch_size, config)
         predictor.run_dir = run_dir
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return Served(name, run_dir, predictor, task, spec.name, config.model.name, base.path,

@@ -2,7 +2,7 @@
 
 PEFT computes a LoRA linear as `base(x) + lora_B(lora_A(dropout(x))) * scaling`: the scaling
 multiplies and the sum adds activation-sized tensors ([tokens, out_features]) in two more
-passes forward and one more backward, in every adapted layer. `FusedLoraLinear` scales the
+passes forward and one more backward, in every adapted layer. `FusedLinear` scales the
 rank-sized tensor instead (`lora_A`'s output, [tokens, r]) and lets `torch.addmm` add
 `lora_B`'s product into the base output as it computes it: the same function (the scaling is
 linear), rounded once where PEFT rounds three times under bf16. On a MiniLM LoRA step the two

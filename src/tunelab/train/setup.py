@@ -99,12 +99,13 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     model = registry.apply_method(built.model, config.method.name, config.method.settings, ctx)
     if precision == "bf16":
         skip_adapter_input_casts(model)
+    engine = engines.kind(accelerator)
     # ZeRO-3 gathers a weight when its own module runs; the fused layer reads lora_B's directly
-    fused_lora = fuse_lora_layers(model) if engines.kind(accelerator) != "deepspeed" else 0
+    fused_lora = fuse_lora_layers(model) if engine != "deepspeed" else 0
     fast_dropout = config.train.fast_dropout and accelerator.device.type == "cpu"
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
-    plain = engines.kind(accelerator) == "plain"
+    plain = engine == "plain"
     if plain:  # a sharding engine would keep whole copies
         cache_frozen_casts(model)
     keep = (config.train.keep_embedding_grads and plain and accelerator.num_processes == 1
