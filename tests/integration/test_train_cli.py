@@ -7,6 +7,7 @@ import torch
 
 import tunelab
 from tunelab.cli import main
+from tunelab.train import memory
 
 
 def read_jsonl(path):
@@ -28,6 +29,7 @@ def test_train_full_writes_a_self_describing_run(tiny_overrides, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["seed"] == 42 and env["precision"] == "fp32" and len(env["config_hash"]) == 16
     assert env["dropout"] == "fast (16-bit masks)"
+    assert env["freed_memory"] == ("kept for reuse" if memory.glibc() else "malloc's default")
     assert json.loads((run / "label_map.json").read_text()) == {"0": "negative", "1": "positive"}
     preflight = json.loads((run / "preflight.json").read_text())
     assert preflight["splits"]["train"]["rows"] == 20

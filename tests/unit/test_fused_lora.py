@@ -1,17 +1,19 @@
-"""LoRA's update added inside the matmul (`FusedLoraLinear`): PEFT's function, gradients and
-saved adapter; PEFT's own forward wherever the fused path does not apply."""
+"""LoRA's update added inside the matmul (`FusedLinear`, `LoraLinearFunction`): PEFT's
+function, gradients and saved adapter; PEFT's own forward wherever the fused path does not
+apply."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
+from tunelab.train import fused_lora
 from tunelab.train.fused_lora import fuse_lora_layers
 
 
-def lora_model(tiny_bert, **settings):
+def lora_model(tiny_bert, lora_dropout=0.0, **settings):
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=lora_dropout,
                                             target_modules=["query", "value", "dense"], **settings))
     with torch.no_grad():  # LoRA's B starts at 0: give the adapter something to say
         for name, p in model.named_parameters():
@@ -35,16 +37,26 @@ def loss_and_grads(model, bf16, backward=True):
     return loss.detach(), grads
 
 
-def test_fused_layers_compute_peft_lora(tiny_bert):
-    """In fp32 the same loss and gradients; under bf16 autocast as close to fp32 as PEFT's."""
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_fused_layers_compute_peft_lora(tiny_bert, lora_dropout, monkeypatch):
+    """In fp32 the same loss and gradients; under bf16 autocast as close to fp32 as PEFT's.
+    Without LoRA dropout the layers are `LoraLinearFunction` (its own backward), with it the
+    `addmm` into the base output (in eval mode here, so that the dropout draws nothing)."""
     from peft.tuners.lora.layer import Linear
 
-    peft_model, fused = lora_model(tiny_bert), lora_model(tiny_bert)
+    calls = []
+    apply = fused_lora.LoraLinearFunction.apply
+    monkeypatch.setattr(fused_lora.LoraLinearFunction, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    peft_model = lora_model(tiny_bert, lora_dropout)
+    fused = lora_model(tiny_bert, lora_dropout)
     lora_layers = [m for m in fused.modules() if type(m) is Linear]
     assert fuse_lora_layers(fused) == len(lora_layers) > 4
     assert all(type(m).__name__ == "FusedLinear" and isinstance(m, Linear) for m in lora_layers)
     loss_a, grads_a = loss_and_grads(peft_model, False)
+    assert not calls
     loss_b, grads_b = loss_and_grads(fused, False)
+    assert len(calls) == (len(lora_layers) if lora_dropout == 0 else 0)
     assert loss_b == pytest.approx(loss_a.item(), rel=1e-5)
     assert grads_a.keys() == grads_b.keys() and any("lora_A" in n for n in grads_a)
     for name, want in grads_a.items():

@@ -1,5 +1,7 @@
-"""The training loop's memory helpers: when the heap is trimmed, and the kept embedding
-gradients (same gradients as torch's dense backward, in a tensor that stays)."""
+"""The training loop's memory helpers: when the heap is trimmed, freed memory kept for the
+next step, and the kept embedding gradients (same gradients as torch's dense backward, in a
+tensor that stays)."""
+import subprocess
 import sys
 
 import pytest
@@ -32,6 +34,35 @@ def test_resident_bytes_follows_what_the_process_touches():
     assert before > 0 and after - before > 48 * 2**20
     del block
     assert memory.malloc_trim() is True  # glibc
+
+
+KEPT_SCRIPT = """
+import resource, torch
+from tunelab.train import memory
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MB written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+returned = faults()
+assert memory.keep_freed_memory() and memory.keep_freed_memory()  # a second call: the same
+faults()  # the first block after the switch is faulted in once
+print(returned, faults())
+"""
+
+
+@pytest.mark.skipif(not memory.glibc(), reason="glibc's malloc only")
+def test_freed_memory_kept_is_not_faulted_in_again():
+    """glibc unmaps a freed 64 MB block and faults the next one in page by page; once freed
+    memory is kept, the same block is reused (a separate process: the switch is for good)."""
+    out = subprocess.run([sys.executable, "-c", KEPT_SCRIPT], capture_output=True, text=True,
+                         check=True).stdout
+    returned, kept = map(int, out.split())
+    assert returned > 20 * 10_000  # ~16,000 4 KiB pages per block
+    assert kept < returned / 50
 
 
 class Tied(nn.Module):

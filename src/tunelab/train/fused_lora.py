@@ -23,7 +23,37 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab.train.frozen import autocast_dtype
+from tunelab.train.frozen import CachedCastLinear, autocast_dtype, cached_cast
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """`x W^T + b + (s x A^T) B^T` for a frozen `W` and `b`, one dtype throughout, with the
+    backward written out: the input gradient `g W + (s g B) A` is one matmul and one `addmm_`
+    into it, where autograd adds the base's and the adapter's input gradients in another
+    activation-sized pass; the update goes into the base output in place (an out-of-place
+    `addmm` first copies the base output)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        low = torch.mm(x2, lora_a.t()).mul_(scaling)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        out.addmm_(low, lora_b.t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, low)
+        ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, low = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_low = torch.mm(g, lora_b).mul_(ctx.scaling)  # the gradient of s x A^T
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, weight).addmm_(g_low, lora_a).view(*grad.shape[:-1], -1)
+        d_a = torch.mm(g_low.t(), x2) if ctx.needs_input_grad[3] else None
+        d_b = torch.mm(g.t(), low) if ctx.needs_input_grad[4] else None
+        return dx, None, None, d_a, d_b, None
 
 
 class _Fused:
@@ -34,6 +64,8 @@ class _Fused:
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         dtype = autocast_dtype(x)
+        if self._one_function(name, x.dtype if dtype is None else dtype):
+            return self._lora_linear(x, name, dtype)
         if dtype is not None:  # cast once for both matmuls: autocast would cast x for each
             x = x.to(dtype)
         result = self.base_layer(x)
@@ -44,6 +76,30 @@ class _Fused:
         out = torch.addmm(result.reshape(-1, result.shape[-1]).to(low.dtype),
                           low.reshape(-1, low.shape[-1]), self.lora_B[name].weight.t())
         return out.view(result.shape).to(result.dtype)
+
+    def _lora_linear(self, x: torch.Tensor, name: str, dtype: torch.dtype | None):
+        base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+        weight, bias = base.weight, base.bias
+        if dtype is not None:  # the casts autocast would make (the frozen weight's kept)
+            x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
+            weight = cached_cast(base, weight, dtype) if isinstance(base, CachedCastLinear) \
+                else weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling[name])
+
+    def _one_function(self, name: str, dtype: torch.dtype) -> bool:
+        """Whether `LoraLinearFunction` computes this layer: a frozen `nn.Linear` base, no
+        LoRA dropout, every tensor in `dtype` (the autocast one, or all the same without)."""
+        base = self.base_layer
+        if not isinstance(base, nn.Linear) or self.fan_in_fan_out \
+                or not isinstance(self.lora_dropout[name], nn.Identity):
+            return False
+        frozen = [base.weight] + ([] if base.bias is None else [base.bias])
+        if any(t.requires_grad for t in frozen):
+            return False
+        tensors = frozen + [self.lora_A[name].weight, self.lora_B[name].weight]
+        return torch.is_autocast_enabled(base.weight.device.type) \
+            or all(t.dtype == dtype for t in tensors)
 
     def _plain(self) -> bool:
         adapters = self.active_adapters

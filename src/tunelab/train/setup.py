@@ -21,6 +21,7 @@ from tunelab.train.dropout import use_fast_dropout
 from tunelab.train.embedding_grads import EmbeddingGrads
 from tunelab.train.frozen import cache_frozen_casts
 from tunelab.train.fused_lora import fuse_lora_layers
+from tunelab.train.memory import keep_freed_memory
 
 
 @dataclass
@@ -82,6 +83,7 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     accelerator = make_accelerator(config)
     threads = config.train.threads or max(1, default_threads() // accelerator.num_processes)
     torch.set_num_threads(threads)
+    freed_memory_kept = config.train.keep_freed_memory and keep_freed_memory()
     run_dir = shared_run_dir(accelerator, Path(resume) if resume else runs.new_run_dir(config))
     precision = resolve_precision(config.train.precision, accelerator.device.type)
     data = load_data(task, accelerator, quiet)
@@ -118,7 +120,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet,
                  embedding_grads=embedding_grads)
     if accelerator.is_main_process:
-        write_run_files(p, data, threads, precision, fast_dropout, fused_lora, resume is not None)
+        write_run_files(p, data, threads, precision, fast_dropout, fused_lora,
+                        freed_memory_kept, resume is not None)
     start_tracker(p)
     trainable, all_params = p.parameters = registry.count_parameters(model)
     origin = (f"new {config.model.size} model" if config.model.size
@@ -210,7 +213,7 @@ def skip_adapter_input_casts(model) -> int:
 
 
 def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropout: bool,
-                    fused_lora: int, resumed: bool) -> None:
+                    fused_lora: int, freed_memory_kept: bool, resumed: bool) -> None:
     p.run_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
         if (p.run_dir / "results.json").exists() or (p.run_dir / "state").exists():
@@ -226,6 +229,7 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropou
         "dropout": "fast (16-bit masks)" if fast_dropout else "torch",
         "kept_embedding_grads": len(p.embedding_grads) if p.embedding_grads else 0,
         "fused_lora_layers": fused_lora,
+        "freed_memory": "kept for reuse" if freed_memory_kept else "malloc's default",
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
         "world_size_env": os.environ.get("WORLD_SIZE")}))
