@@ -36,23 +36,25 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         x2 = x.reshape(-1, x.shape[-1])
-        low = torch.mm(x2, lora_a.t()).mul_(scaling)
+        low_t = torch.mm(lora_a, x2.t()).mul_(scaling)  # (s x A^T)^T: [r, tokens]
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        out.addmm_(low, lora_b.t())
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, low)
+        out.addmm_(low_t.t(), lora_b.t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, low_t)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, lora_a, lora_b, low = ctx.saved_tensors
+        # the rank-sized products are formed as [r, tokens] x [tokens, n]: the other way round
+        # (`g^T low`, [n, tokens] x [tokens, r]) took 1.8x as long at MiniLM's shapes
+        x2, weight, lora_a, lora_b, low_t = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        g_low = torch.mm(g, lora_b).mul_(ctx.scaling)  # the gradient of s x A^T
+        g_low_t = torch.mm(lora_b.t(), g.t()).mul_(ctx.scaling)  # the gradient of low, [r, T]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, weight).addmm_(g_low, lora_a).view(*grad.shape[:-1], -1)
-        d_a = torch.mm(g_low.t(), x2) if ctx.needs_input_grad[3] else None
-        d_b = torch.mm(g.t(), low) if ctx.needs_input_grad[4] else None
+            dx = torch.mm(g, weight).addmm_(g_low_t.t(), lora_a).view(*grad.shape[:-1], -1)
+        d_a = torch.mm(g_low_t, x2) if ctx.needs_input_grad[3] else None
+        d_b = torch.mm(low_t, g).t() if ctx.needs_input_grad[4] else None
         return dx, None, None, d_a, d_b, None
 
 
