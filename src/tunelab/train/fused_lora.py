@@ -10,6 +10,12 @@ passes were 4% of the time. Under autocast the input is cast to bf16 once for bo
 where autocast casts it for each (casts and copies: 11.3% -> 7.8% of a LoRA step; the two
 input gradients then add in bf16 before the cast back).
 
+Where the base layer is a frozen `nn.Linear` and the LoRA dropout is off (the default), the
+whole layer is one autograd function, `LoraLinearFunction`, with its backward written out: the
+input gradient in one matmul and one `addmm_` into it (no separate activation-sized sum), and
+the rank-sized products as `[r, tokens]` matmuls, the faster orientation on CPU (2.5-3% and 4%
+of a MiniLM LoRA step). With LoRA dropout the layer is `addmm` as above.
+
 Only the plain case takes the fused path: one active LoRA adapter without a variant (DoRA
 ...), not merged, adapters enabled, no per-row `adapter_names`; anything else is PEFT's own
 forward. Weights, state dicts, saved adapters and merging are PEFT's, untouched. Not under
