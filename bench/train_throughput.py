@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"methods to measure, comma-separated ({', '.join(METHODS)})")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"configurations to measure, comma-separated ({', '.join(CONFIGS)})")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each configuration but trainer_default (which takes ~200 s "
+                             "and runs once), in interleaved rounds; each row is the median run "
+                             "(default 3: single runs drift ±10%% on a shared machine)")
     parser.add_argument("--scaling", default="",
                         help="also train tunelab full on 1x,2x,4x... the --train-rows "
                              "(comma-separated multiples, e.g. 1,2,4) to check that time grows "
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.configs = pick(args.configs, CONFIGS, "--configs")
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     try:
         args.scaling = [int(x) for x in args.scaling.split(",") if x.strip()]
     except ValueError:
@@ -174,7 +181,8 @@ def run_tunelab(job: dict, method: str, suffix: str = "", extra: tuple = ()) -> 
         "train.schedule=linear", f"train.weight_decay={WEIGHT_DECAY}", f"train.seed={SEED}",
         "train.tracker=none", f"run_dir={Path(job['workdir']) / f'tunelab-{method}{suffix}'}",
         *extra]
-    run_dir = train(resolve_config(overrides=overrides), quiet=True)
+    shutil.rmtree(Path(job["workdir"]) / f"tunelab-{method}{suffix}", ignore_errors=True)
+    run_dir = train(resolve_config(overrides=overrides), quiet=True)  # the previous repeat's gone
     results = json.loads((run_dir / "results.json").read_text())
     t = results["train"]
     return {"train_seconds": t["seconds"], "test_accuracy": results["test"]["accuracy"],
@@ -334,6 +342,17 @@ def measure_scaling(job_file: Path, job: dict, key: str) -> dict:
             "test_accuracy": result["test_accuracy"]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median training time (the slower middle one of an even number), with
+    every run's time beside it; a failed run fails the row."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["train_seconds"])
+    return {**ordered[len(ordered) // 2],
+            "train_seconds_runs": [round(r["train_seconds"], 2) for r in runs]}
+
+
 def ratios(rows: list[dict]) -> dict:
     """tunelab against each Trainer configuration, per method: >1 = tunelab faster/larger."""
     found = {(r["method"], r["config"]): r for r in rows if "error" not in r}
@@ -365,23 +384,27 @@ def markdown(report: dict) -> str:
              f"{MAX_LENGTH}). Seconds count training steps only; tokens/s counts real tokens; "
              f"peak RSS is the whole child process; accuracy on the SST-2 test set "
              f"({s['test_rows']} rows).", ""]
-    headers = ["method", "configuration", "precision", "train s", "samples/s", "real tokens/s",
-               "peak RSS MB", "test acc", "tunelab speed ×", "tunelab RSS ×"]
+    headers = ["method", "configuration", "precision", "train s (median)", "runs (train s)",
+               "samples/s", "real tokens/s", "peak RSS MB", "test acc", "tunelab speed ×",
+               "tunelab RSS ×"]
     table = []
     for r in report["results"]:
         if "error" in r:
-            table.append([r["method"], r["config"], "failed"] + ["—"] * 7)
+            table.append([r["method"], r["config"], "failed"] + ["—"] * 8)
             continue
         ratio = report["ratios"].get(f"{r['method']}: tunelab vs {r['config']}", {})
         table.append([r["method"], r["config"], r["precision"], common.fmt(r["train_seconds"]),
+                      ", ".join(common.fmt(t) for t in r.get("train_seconds_runs", [])),
                       common.fmt(r["samples_per_s"]), common.fmt(r["tokens_per_s"], 0),
                       common.fmt(r["peak_rss_mb"], 0), f"{r['test_accuracy']:.4f}",
                       f"{ratio['speed']:.2f}" if ratio else "—",
                       f"{ratio['peak_rss']:.2f}" if ratio else "—"])
     lines += [common.markdown_table(headers, table), "",
               "tunelab speed × = tunelab samples/s ÷ that row's; tunelab RSS × = tunelab peak RSS "
-              "÷ that row's (< 1: tunelab uses less). Absolute figures drift ±25% between runs on a "
-              "shared machine; the ratios are steadier."]
+              "÷ that row's (< 1: tunelab uses less). Each row is the run with the median "
+              "training time of those listed (rounds over the configurations, so that drift "
+              "meets all of them; Trainer's defaults run once); single runs drift ±10% on a "
+              "shared machine, absolute figures ±25% between days."]
     peak = report.get("matmul_peak", {})
     if report.get("mfu") and "bf16_gflops" in peak:
         lines += ["", f"Fraction of the bf16 matmul peak: the encoder's six matmul shapes at "
@@ -426,10 +449,16 @@ def main(argv=None) -> int:
         job_file.write_text(json.dumps(job))
         rows = []
         for method in args.methods:
-            for config in args.configs:
-                print(f"[{NAME}] {method} / {config} ...", file=sys.stderr, flush=True)
-                rows.append(measure(job_file, job, method, config))
-                print(f"[{NAME}] {summary(rows[-1])}", file=sys.stderr, flush=True)
+            runs = {config: [] for config in args.configs}
+            for round_ in range(args.repeats):  # rounds, so that drift meets every config
+                for config in args.configs:
+                    if round_ and config == "trainer_default":
+                        continue
+                    print(f"[{NAME}] {method} / {config} (run {round_ + 1}) ...",
+                          file=sys.stderr, flush=True)
+                    runs[config].append(measure(job_file, job, method, config))
+                    print(f"[{NAME}] {summary(runs[config][-1])}", file=sys.stderr, flush=True)
+            rows += [median_run(runs[config]) for config in args.configs]
         peak = probe(job_file, job)
         scaling = [measure_scaling(job_file, job, key) for key in job["scaling"]]
     test_rows = len(read_labeltext(Path(data["paths"]["test"])))
