@@ -24,7 +24,7 @@ import common  # noqa: E402
 NAME = "step_profile"
 WARMUP_STEPS = 10
 CATEGORIES = [  # (category, ops whose self time it counts); the rest is "other"
-    ("matmul", {"aten::mm", "aten::addmm", "aten::bmm"}),
+    ("matmul", {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}),
     ("dtype casts and copies", {"aten::copy_", "aten::_to_copy"}),
     ("optimizer (fused AdamW)", {"aten::_fused_adamw_"}),
     ("GELU", {"aten::gelu", "aten::gelu_backward"}),
