@@ -159,8 +159,9 @@ class TrainConfig:
     keep_freed_memory: bool = True
     """On Linux (glibc), memory a step frees stays in the process for the next step instead of
     going back to the OS at each free (tunelab.train.memory): a MiniLM LoRA step faulted
-    16,000-25,000 pages back in each time, 8-12% of its time. The resident size stays at the run's peak between
-    steps; process-wide for the rest of the process. false = malloc's own behaviour."""
+    16,000-25,000 pages back in each time, 8-12% of its time. The resident size stays at the
+    run's peak between steps and is given back when the run ends; process-wide for the rest of
+    the process. false = malloc's own behaviour."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     group_by_length: bool = True

@@ -65,6 +65,37 @@ def test_freed_memory_kept_is_not_faulted_in_again():
     assert kept < returned / 50
 
 
+RELEASE_SCRIPT = """
+import torch
+from tunelab.train import memory
+
+assert memory.keep_freed_memory()
+block = torch.ones(256 * 2**20 // 4)  # 256 MB, written
+del block
+kept = memory.resident_bytes()
+assert memory.release_heap()
+print(kept, memory.resident_bytes())
+"""
+
+
+@pytest.mark.skipif(not memory.glibc(), reason="glibc's malloc only")
+def test_a_finished_run_gives_kept_memory_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True,
+                         text=True, check=True).stdout
+    kept, released = map(int, out.split())
+    assert kept - released > 200 * 2**20  # the freed 256 MB stayed resident until the release
+
+
+def test_training_releases_the_heap_when_it_ends(tiny_overrides, monkeypatch):
+    from tunelab.cli import main
+    from tunelab.train import loop
+
+    released = []
+    monkeypatch.setattr(loop, "release_heap", lambda: released.append(1))
+    assert main(["train", *tiny_overrides, "train.epochs=1"]) == 0
+    assert released == [1]
+
+
 class Tied(nn.Module):
     """A masked-LM shape: the output layer shares the word embedding's weight."""
 

@@ -28,7 +28,7 @@ from tunelab.methods import registry
 from tunelab.train import engines
 from tunelab.train.batching import shard, train_batches
 from tunelab.train.evaluate import autocast, evaluate
-from tunelab.train.memory import HeapTrimmer
+from tunelab.train.memory import HeapTrimmer, release_heap
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.setup import Prepared, prepare
 
@@ -83,6 +83,7 @@ def train(config, resume: str | Path | None = None, quiet: bool = False,
         run_dir = p.run_dir
         del p, model, optimizer, scheduler  # see end_processes
     end_processes(acc)
+    release_heap()
     return run_dir
 
 
