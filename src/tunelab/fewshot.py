@@ -186,6 +186,7 @@ class SetFitClassifier:
         """CosineSimilarityLoss: MSE between cos(u, v) and the pair's target."""
         from tunelab.methods import registry
         from tunelab.train.embedding_grads import EmbeddingGrads
+        from tunelab.train.memory import keep_freed_memory, release_heap
         from tunelab.train.optim import build_optimizer, build_scheduler
 
         s = self.settings
@@ -198,6 +199,7 @@ class SetFitClassifier:
         generator = torch.Generator().manual_seed(s.seed)
         torch.manual_seed(s.seed)  # dropout
         kept = EmbeddingGrads(self.encoder)  # full fine-tuning: the word embedding trains
+        keep_freed_memory()  # as `tunelab train` does: no page faults at every step
         self.encoder.train()
         for _ in range(s.epochs):
             order = torch.randperm(len(pairs), generator=generator).tolist()
@@ -217,6 +219,7 @@ class SetFitClassifier:
                 optimizer.zero_grad(set_to_none=True)
                 self.losses.append(loss.item())
         self.encoder.eval()
+        release_heap()
 
     def _embed_ids(self, ids: list[list[int]]) -> torch.Tensor:
         from tunelab.zeroshot import embed_ids

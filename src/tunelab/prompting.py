@@ -244,6 +244,7 @@ class PromptClassifier:
         """LM-BFF's objective: cross-entropy over the label scores."""
         from tunelab.methods import registry
         from tunelab.train.embedding_grads import EmbeddingGrads
+        from tunelab.train.memory import keep_freed_memory, release_heap
         from tunelab.train.optim import build_optimizer, build_scheduler
 
         s, model = self.settings, self.models[index]
@@ -259,6 +260,7 @@ class PromptClassifier:
         losses = []
         # full fine-tuning: the word embedding trains; GPUs have no use for kept gradients
         kept = EmbeddingGrads(model) if self.device.type == "cpu" else None
+        keep_freed_memory()  # as `tunelab train` does: no page faults at every step
         model.train()
         bar = tqdm(total=steps, unit="step", desc=f"prompt {index + 1}/{len(self.patterns)}",
                    dynamic_ncols=True, mininterval=1.0, leave=False)
@@ -282,6 +284,7 @@ class PromptClassifier:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         bar.close()
         model.eval()
+        release_heap()
         return losses
 
     # -- prediction ---------------------------------------------------------------------------
