@@ -73,3 +73,15 @@ def keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def heap_calls(monkeypatch):
+    """What a training loop asks of the heap, in order: "keep" (freed memory kept) and
+    "release" (given back), recorded instead of done."""
+    from tunelab.train import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(memory, "release_heap", lambda: calls.append("release"))
+    return calls

@@ -111,18 +111,13 @@ def test_setfit_learns_from_8_per_class_and_reloads_identically(tiny_bert, toy_s
     assert again.labels == LABELS and again.base_model == tiny_bert
 
 
-def test_setfit_with_lora_saves_only_the_adapter(tiny_bert, toy_split, tmp_path, monkeypatch):
-    from tunelab.train import memory
-
+def test_setfit_with_lora_saves_only_the_adapter(tiny_bert, toy_split, tmp_path, heap_calls):
     train, test = toy_split
     settings = setfit_settings({"num_iterations": 2, "max_length": 32,
                                 "method": {"name": "lora", "r": 4}})
-    calls = []  # freed memory kept while the body trains, given back after (as `train` does)
-    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep"))
-    monkeypatch.setattr(memory, "release_heap", lambda: calls.append("release"))
     clf = SetFitClassifier(tiny_bert, LABELS, settings).fit([e.text for e in train],
                                                             [e.label for e in train])
-    assert calls == ["keep", "release"]
+    assert heap_calls == ["keep", "release"]  # kept while the body trains, as `train` does
     folder = clf.save(tmp_path / "lora")
     assert not (folder / "encoder").exists()
     from safetensors.torch import load_file

@@ -161,17 +161,12 @@ def test_training_fits_a_separable_toy_set_and_reloads_identically(tiny_mlm, tmp
 
 
 def test_causal_lora_trains_saves_only_the_adapter_and_reloads(tiny_llama, tmp_path,
-                                                               monkeypatch):
-    from tunelab.train import memory
-
+                                                               heap_calls):
     texts, labels = _split(toy_rows(16, 6))
     settings = _settings(patterns=["Review: {text}\nSentiment: {mask}"], epochs=4,
                          method={"name": "lora", "r": 4}, lr=1e-2)
-    calls = []  # freed memory kept while the pattern's model trains, given back after
-    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep"))
-    monkeypatch.setattr(memory, "release_heap", lambda: calls.append("release"))
     clf = PromptClassifier(tiny_llama, LABELS, settings).fit(texts, labels)
-    assert calls == ["keep", "release"]
+    assert heap_calls == ["keep", "release"]  # kept while the pattern's model trains
     assert np.mean(clf.losses[0][-4:]) < np.mean(clf.losses[0][:4])
     folder = clf.save(tmp_path / "lora")
     assert not (folder / "pattern-0" / "model").exists()

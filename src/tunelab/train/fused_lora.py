@@ -72,7 +72,7 @@ class _Fused:
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         dtype = autocast_dtype(x)
-        if self._one_function(name, x.dtype if dtype is None else dtype):
+        if self._one_function(name, x.dtype if dtype is None else None):
             return self._lora_linear(x, name, dtype)
         if dtype is not None:  # cast once for both matmuls: autocast would cast x for each
             x = x.to(dtype)
@@ -95,9 +95,10 @@ class _Fused:
             bias = None if bias is None else bias.to(dtype)
         return LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling[name])
 
-    def _one_function(self, name: str, dtype: torch.dtype) -> bool:
+    def _one_function(self, name: str, uncast: torch.dtype | None) -> bool:
         """Whether `LoraLinearFunction` computes this layer: a frozen `nn.Linear` base, no
-        LoRA dropout, every tensor in `dtype` (the autocast one, or all the same without)."""
+        LoRA dropout, and without autocast (`uncast`: the input's dtype) every tensor in the
+        input's dtype; under autocast (`uncast` None) the casts make them one."""
         base = self.base_layer
         if not isinstance(base, nn.Linear) or self.fan_in_fan_out \
                 or not isinstance(self.lora_dropout[name], nn.Identity):
@@ -106,8 +107,7 @@ class _Fused:
         if any(t.requires_grad for t in frozen):
             return False
         tensors = frozen + [self.lora_A[name].weight, self.lora_B[name].weight]
-        return torch.is_autocast_enabled(base.weight.device.type) \
-            or all(t.dtype == dtype for t in tensors)
+        return uncast is None or all(t.dtype == uncast for t in tensors)
 
     def _plain(self) -> bool:
         adapters = self.active_adapters
