@@ -29,7 +29,7 @@ from tunelab.train import engines
 from tunelab.train.batching import shard, train_batches
 from tunelab.train.evaluate import autocast, evaluate
 from tunelab.train.memory import HeapTrimmer, release_heap
-from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.optim import build_optimizer, build_scheduler, clip_gradients
 from tunelab.train.setup import Prepared, prepare
 
 
@@ -166,7 +166,8 @@ def optimizer_step(p: Prepared, spec, model, optimizer, scheduler, group,
         loss_sum += s.item()
         tokens += task.count_tokens(batch)
     if p.config.train.max_grad_norm:  # under DeepSpeed the engine clipped inside acc.backward
-        acc.clip_grad_norm_(model.parameters(), p.config.train.max_grad_norm)
+        clip_gradients(acc, model, optimizer, p.config.train.max_grad_norm,
+                       in_step=spec.on_step is None)
     optimizer.step()
     if spec.on_step is not None:  # AdaLoRA's rank allocation reads the gradients: before zeroing
         spec.on_step(acc.unwrap_model(model), step)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.train import engines
+
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "norm.weight")
 
 
@@ -15,6 +17,34 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
               {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW: one kernel over all tensors instead of a loop (CPU and CUDA in torch >= 2.4)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
+
+
+def clip_gradients(acc, model, optimizer, max_norm: float, in_step: bool) -> None:
+    """Scale the gradients so that their total norm is at most `max_norm` (Accelerate's and
+    torch's `clip_grad_norm_`: each multiplied by min(1, max_norm / (norm + 1e-6))).
+
+    in_step: where one plain process (or DDP, whose gradients are already the same everywhere)
+    steps fused AdamW with no loss scaler, the factor goes to the optimizer as `grad_scale`,
+    which its kernel divides every gradient by as it reads it: no pass of its own over the
+    gradients (1.1% of a MiniLM full fine-tuning step). The caller passes False where the
+    gradients are read after the step (AdaLoRA's rank allocation reads them clipped). Either
+    way the norm is taken over the optimizer's parameters only, not every module's: walking a
+    LoRA model's modules for its parameters cost 2 ms a step."""
+    if engines.kind(acc) == "fsdp":  # Accelerate hands FSDP the whole model's parameters
+        acc.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
+    fused = inner.defaults.get("fused") and isinstance(inner, torch.optim.Adam)
+    if not (in_step and fused and engines.kind(acc) == "plain" and acc.scaler is None):
+        acc.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        inner.grad_scale = None
+        return
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
 
 def build_scheduler(optimizer, name: str, total_steps: int, warmup_ratio: float):
