@@ -75,10 +75,10 @@ class Generator:
         if config.task.name != "instruction":
             raise TunelabError(f"{run_dir} is a {config.task.name} run; generation needs an "
                                f"instruction run or a causal LM model name")
-        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
         device = _device()
-        generator = cls(model.to(device), tokenizer, config,
-                        run_uses_bf16(env, precision, device.type), batch_size, max_new_tokens,
+        bf16 = run_uses_bf16(env, precision, device.type)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge, bf16)
+        generator = cls(model.to(device), tokenizer, config, bf16, batch_size, max_new_tokens,
                         name=str(run_dir))
         generator.run_dir = run_dir
         return generator
@@ -96,11 +96,14 @@ class Generator:
         config = resolve_config(tree={
             "task": {"name": "instruction", "template": template, "system_prompt": system_prompt},
             "model": {"name": name, "max_length": max_length}, "train": {"precision": precision}})
+        from tunelab.predict import keep_weights_cast
+
         built = get_task(config).build_model([])
         device = _device()
-        return cls(built.model.to(device), built.tokenizer, config,
-                   resolve_precision(precision, device.type) == "bf16", batch_size,
-                   max_new_tokens, name=name)
+        bf16 = resolve_precision(precision, device.type) == "bf16"
+        model = keep_weights_cast(built.model) if bf16 else built.model
+        return cls(model.to(device), built.tokenizer, config, bf16, batch_size, max_new_tokens,
+                   name=name)
 
     # -- generation ---------------------------------------------------------------------------
     def messages(self, prompt, system: str | None = None) -> list[dict]:

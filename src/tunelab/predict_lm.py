@@ -43,8 +43,9 @@ class LMPredictor:
 
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
-        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
-        predictor = cls(model, tokenizer, config, run_uses_bf16(env, precision), batch_size)
+        bf16 = run_uses_bf16(env, precision)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge, bf16)
+        predictor = cls(model, tokenizer, config, bf16, batch_size)
         predictor.run_dir = run_dir
         return predictor
 

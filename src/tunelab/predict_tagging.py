@@ -73,8 +73,8 @@ class TaggingPredictor:
         `Predictor.from_run`."""
         run_dir = Path(run_dir)
         config, env, labels = runs.read_run(run_dir)
-        model, tokenizer = load_run_model(run_dir, config, labels, env, merge)
         bf16 = run_uses_bf16(env, precision)
+        model, tokenizer = load_run_model(run_dir, config, labels, env, merge, bf16)
         predictor = cls(model, tokenizer, labels, config.model.max_length, bf16, batch_size,
                         config)
         predictor.run_dir = run_dir

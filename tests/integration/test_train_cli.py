@@ -166,6 +166,23 @@ def test_bf16_trains_every_adapter_method(method, tiny_overrides, tmp_path):
     assert 0 <= results["test"]["accuracy"] <= 1
     predictions = tunelab.load(tmp_path / "run", precision="fp32").predict(["a good film"])
     assert predictions[0]["label"] in ("positive", "negative")
+    # in bf16 the loaded weights are frozen and each linear layer keeps its cast (on CPU its
+    # oneDNN layout): the same logits as autocast casting at every batch
+    from torch import nn
+
+    from tunelab.train.frozen import CachedCastLinear, _can_pack
+
+    texts = ["a good film", "the plot was dull and far too long"]
+    for merge in (True, False):
+        predictor = tunelab.load(tmp_path / "run", precision="bf16", merge=merge)
+        kept = predictor.logits(texts)
+        layers = [m for m in predictor.model.modules() if type(m) is CachedCastLinear]
+        assert layers and not any(p.requires_grad for p in predictor.model.parameters())
+        packed = [m for m in layers if "_pack_cache" in m.__dict__]  # those that ran
+        assert bool(packed) == _can_pack()
+        for m in layers:
+            m.__class__ = nn.Linear
+        assert torch.equal(kept, predictor.logits(texts))
 
 
 def test_bf16_training_runs_and_is_recorded(tiny_overrides, tmp_path):

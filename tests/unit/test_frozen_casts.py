@@ -1,10 +1,15 @@
-"""Frozen linear weights cast once under autocast: bit-identical, recast when they change."""
+"""Linear weights cast once under autocast, and on CPU bf16 laid out for oneDNN once:
+bit-identical to autocast, recast when they change, trained weights never stale."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from tunelab.train.frozen import CachedCastLinear, cache_frozen_casts
+from tunelab.train import frozen
+from tunelab.train.frozen import CachedCastLinear, cache_frozen_casts, packed_weights
+
+PACKS = frozen._can_pack()
 
 
 def frozen_net():
@@ -22,7 +27,9 @@ def run(net, x):
     return out, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
-def test_outputs_and_gradients_are_bit_identical_to_autocast():
+@pytest.mark.parametrize("pack", [False, True])
+def test_outputs_and_gradients_are_bit_identical_to_autocast(monkeypatch, pack):
+    monkeypatch.setattr(frozen, "PACK_WEIGHTS", pack)
     plain = frozen_net()
     cached = copy.deepcopy(plain)
     assert cache_frozen_casts(cached) == 1  # only the frozen layer
@@ -34,28 +41,65 @@ def test_outputs_and_gradients_are_bit_identical_to_autocast():
         out_b, grads_b = run(cached, x2)
         assert out_b.dtype == torch.bfloat16 and torch.equal(out_a, out_b)
         assert grads_a.keys() == grads_b.keys() and "0.bias" in grads_b
+        assert grads_b["0.bias"].dtype == torch.float32
         assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
         assert torch.equal(x.grad, x2.grad)
+    assert ("_pack_cache" in cached[0].__dict__) == (pack and PACKS)
 
 
 def test_the_copy_is_kept_recast_on_change_and_never_saved():
     net = frozen_net()
     cache_frozen_casts(net)
     layer, x = net[0], torch.randn(3, 16)
+    cache = "_pack_cache" if PACKS else "_cast_cache"
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         layer(x)  # made under inference mode ...
-    kept = layer._cast_cache[1]
+    kept = layer.__dict__[cache][1]
     x.requires_grad_(True)
     with torch.autocast("cpu", torch.bfloat16):
         before = layer(x)
         before.float().sum().backward()  # ... and still usable by autograd
-        assert layer._cast_cache[1] is kept
+        assert layer.__dict__[cache][1] is kept
         with torch.no_grad():
             layer.weight.mul_(2)
         after = layer(x)
-    assert layer._cast_cache[1] is not kept
+    assert layer.__dict__[cache][1] is not kept
     assert torch.allclose(after.float() - layer.bias, 2 * (before.float() - layer.bias),
                           rtol=0.02, atol=0.02)
     assert set(net.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     with torch.no_grad():  # without autocast: plain fp32
         assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_packing_only_frozen_weights_and_only_where_the_packed_path_is():
+    """A trained weight changes in place without a version bump (fused AdamW): a cache keyed
+    on the version would compute with the old weight, so trained weights are never packed."""
+    layer = nn.Linear(4, 3)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    version = layer.weight._version
+    torch.optim.AdamW([layer.weight], lr=0.5, fused=True).step()
+    assert layer.weight._version == version
+    assert packed_weights(layer, layer.weight, torch.bfloat16) is None
+    layer.weight.requires_grad_(False)
+    assert packed_weights(layer, layer.weight, torch.float16) is None
+    assert packed_weights(layer, layer.weight, torch.float32) is None
+    assert (packed_weights(layer, layer.weight, torch.bfloat16) is not None) == PACKS
+
+
+def test_a_3d_output_takes_in_place_additions_as_autocast_s_does():
+    """AdaLoRA adds its update into the base layer's output in place: the output must not be
+    a view made inside the custom function (autograd forbids modifying those)."""
+    plain = frozen_net()
+    cached = copy.deepcopy(plain)
+    cache_frozen_casts(cached)
+    x = torch.randn(2, 5, 16)
+    results = []
+    for net in (plain, cached):
+        extra = torch.ones(32, requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = net[0](x)
+            out += extra
+        out.float().pow(2).sum().backward()
+        results.append((out, extra.grad, net[0].bias.grad))
+    assert results[1][0].shape == (2, 5, 32)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -109,3 +109,23 @@ def test_a_bf16_base_with_fp32_adapters_sums_as_peft_does(tiny_bert):
         want, got = (m(input_ids=ids).logits for m in models)
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=2e-2)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_frozen_base_weights_cast_or_packed_once_change_nothing(tiny_bert, monkeypatch, pack):
+    """Under bf16 autocast with the frozen base weights kept cast (and on CPU packed for
+    oneDNN), the LoRA step's loss and gradients are bit-identical to casting at every call."""
+    from tunelab.train import frozen
+
+    monkeypatch.setattr(frozen, "PACK_WEIGHTS", pack)
+    every_call = lora_model(tiny_bert)
+    kept = lora_model(tiny_bert)
+    fuse_lora_layers(every_call), fuse_lora_layers(kept)
+    assert frozen.cache_frozen_casts(kept) > 4
+    loss_a, grads_a = loss_and_grads(every_call, True)
+    for _ in range(2):  # the second step from the kept copies
+        loss_b, grads_b = loss_and_grads(kept, True)
+        assert torch.equal(loss_a, loss_b)
+        assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    bases = [m.base_layer for m in kept.modules() if type(m).__name__ == "FusedLinear"]
+    assert all(("_pack_cache" in b.__dict__) == (pack and frozen._can_pack()) for b in bases)

@@ -1,4 +1,5 @@
-"""Frozen weights cast to the autocast dtype once, not at every forward.
+"""Frozen linear weights cast to the autocast dtype once, and on CPU laid out for the matmul
+once, not at every call.
 
 Autocast keeps the bf16 copy of a weight for the rest of its context only when the weight
 requires gradients; a frozen weight (LoRA's backbone, a linear probe's encoder, a causal LM's
@@ -6,11 +7,23 @@ requires gradients; a frozen weight (LoRA's backbone, a linear probe's encoder, 
 Gemma-3-270M + LoRA, casting the tied 262,144 x 640 output layer was 200 ms of a 2.3 s
 prompt-based step. `cache_frozen_casts(model)` makes each plain `nn.Linear` with a frozen
 weight keep its cast copy while the weight is unchanged: the same values autocast would make,
-so outputs and gradients are bit-identical. The copy is not a buffer (never saved) and costs
-the weight's size in the autocast dtype; training under FSDP or DeepSpeed skips it (each
-process would keep whole copies of weights the engine shards).
+so outputs and gradients are bit-identical.
+
+On CPU in bf16 it goes one step further (`packed_weights`): torch's bf16 matmul hands oneDNN
+the plain weight, which oneDNN re-lays out at every call, forward and backward; a frozen weight
+is laid out once instead, as `W` for `x W^T` and as `W^T` for the input gradient `g W`, and the
+layer is `PackedLinearFunction`. For MiniLM's linear layers at 1,280 tokens, forward plus input
+gradient took 7.7% less time (4% at 832 tokens), results bit-identical; the two layouts cost
+twice the weight's size in bf16, where the plain copy cost once. Trained weights are left to
+autocast: laying a weight out whole (cast, transpose, two reorders: ~2 ms for 1,536 x 384)
+costs more than the matmuls save, and full fine-tuning steps took 10% longer.
+
+The copies are not buffers (never saved); training under FSDP or DeepSpeed skips all this
+(each process would keep whole copies of weights the engine shards).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -29,18 +42,101 @@ def cached_cast(module: nn.Module, tensor: torch.Tensor, dtype: torch.dtype) -> 
     return cached[1]
 
 
+def packed_weights(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype):
+    """Frozen `weight` cast to `dtype` and laid out for oneDNN's matmul (`PackedWeight`), kept
+    on `module` until the weight changes. None for a trained weight (optimizers update in place
+    without bumping the version a cache would key on) and where the path is not there (bf16 on
+    CPU only)."""
+    if not PACK_WEIGHTS or weight.requires_grad or dtype != torch.bfloat16 \
+            or weight.device.type != "cpu" or not _can_pack():
+        return None
+    key = (dtype, weight._version, weight.data_ptr())
+    cached = module.__dict__.get("_pack_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, PackedWeight(weight, dtype))
+        module.__dict__["_pack_cache"] = cached
+    return cached[1]
+
+
+class PackedWeight:
+    """A weight laid out for oneDNN as `W`, for `x W^T` (`matrix`), and, from the first
+    backward pass on (prediction never asks), as `W^T`, for the input gradient `g W`."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        self.weight, self.dtype = weight, dtype
+        self.matrix = _reorder(weight.detach().to(dtype))
+        self._transposed = None
+
+    def transposed(self) -> torch.Tensor:
+        if self._transposed is None:
+            self._transposed = _reorder(self.weight.detach().to(self.dtype).t())
+        return self._transposed
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.inference_mode(False):  # usable by autograd later
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+
+
+PACK_WEIGHTS = True
+"""Whether `packed_weights` packs (False: every layer takes the plain path)."""
+PACK_ROWS = 1024
+"""The rows (tokens) oneDNN is told to expect when a weight is packed: a hint for the layout;
+1,024 and the exact count timed the same from 832 to 2,080 tokens."""
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None):
+    """`x W^T + b` for a 2-D `x` and a weight laid out by `PackedWeight` (its `matrix` for
+    `x W^T`, its `transposed()` for `x W`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@functools.cache
+def _can_pack() -> bool:
+    try:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(probe, 2)
+        return bool(torch.equal(linear_packed(probe, packed), probe @ probe.t()))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+class PackedLinearFunction(torch.autograd.Function):
+    """`x W^T + b` for a 2-D `x` in the autocast dtype and a frozen `W` laid out by
+    `packed_weights`; the bias's gradient (BitFit trains it) as autocast gives it: summed in
+    that dtype, returned in the bias's own. The output is a tensor of its own, not a view (a
+    caller such as AdaLoRA adds into it in place)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed):
+        ctx.packed, ctx.bias_dtype = packed, None if bias is None else bias.dtype
+        return linear_packed(x, packed.matrix, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = linear_packed(grad, ctx.packed.transposed()) if ctx.needs_input_grad[0] else None
+        d_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return dx, d_bias, None
+
+
 class CachedCastLinear(nn.Linear):
-    """`nn.Linear` that, under autocast with a frozen weight, reuses its cast weight."""
+    """`nn.Linear` that, under autocast with a frozen weight, reuses its cast weight (on CPU in
+    bf16, its packed weight)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x)
         if dtype is None or self.weight.requires_grad:
             return super().forward(x)
+        packed = packed_weights(self, self.weight, dtype)
+        if packed is not None:
+            out = PackedLinearFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), self.bias,
+                                             packed)
+            return out.view(*x.shape[:-1], out.shape[-1])
         # autocast casts x and the bias as it would have; the weight is already cast
         return F.linear(x, cached_cast(self, self.weight, dtype), self.bias)
 

@@ -14,7 +14,9 @@ Where the base layer is a frozen `nn.Linear` and the LoRA dropout is off (the de
 whole layer is one autograd function, `LoraLinearFunction`, with its backward written out: the
 input gradient in one matmul and one `addmm_` into it (no separate activation-sized sum), and
 the rank-sized products as `[r, tokens]` matmuls, the faster orientation on CPU (2.5-3% and 4%
-of a MiniLM LoRA step). With LoRA dropout the layer is `addmm` as above.
+of a MiniLM LoRA step). On CPU in bf16 the frozen weight comes laid out for oneDNN in advance
+(`frozen.packed_weights`: 2.2-3.5% of a LoRA step). With LoRA dropout the layer is `addmm` as
+above.
 
 Only the plain case takes the fused path: one active LoRA adapter without a variant (DoRA
 ...), not merged, adapters enabled, no per-row `adapter_names`; anything else is PEFT's own
@@ -29,39 +31,46 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab.train.frozen import CachedCastLinear, autocast_dtype, cached_cast
+from tunelab.train.frozen import (CachedCastLinear, autocast_dtype, cached_cast, linear_packed,
+                                  packed_weights)
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """`x W^T + b + (s x A^T) B^T` for a frozen `W` and `b`, one dtype throughout, with the
-    backward written out: the input gradient `g W + (s g B) A` is one matmul and one `addmm_`
-    into it, where autograd adds the base's and the adapter's input gradients in another
-    activation-sized pass; the update goes into the base output in place (an out-of-place
-    `addmm` first copies the base output)."""
+    """`x W^T + b + (s x A^T) B^T` for a 2-D `x`, a frozen `W` and `b`, one dtype throughout,
+    with the backward written out: the input gradient `g W + (s g B) A` is one matmul and one
+    `addmm_` into it, where autograd adds the base's and the adapter's input gradients in
+    another activation-sized pass; the update goes into the base output in place (an
+    out-of-place `addmm` first copies the base output). `packed`: the frozen weight laid out
+    for oneDNN (`frozen.packed_weights`), used in place of `weight` on CPU in bf16."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling, packed=None):
         low_t = torch.mm(lora_a, x2.t()).mul_(scaling)  # (s x A^T)^T: [r, tokens]
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        if packed is not None:  # the weight laid out for oneDNN in advance (`packed_weights`)
+            out = linear_packed(x2, packed.matrix, bias)
+        else:
+            out = torch.addmm(bias, x2, weight.t()) if bias is not None \
+                else torch.mm(x2, weight.t())
         out.addmm_(low_t.t(), lora_b.t())
         ctx.save_for_backward(x2, weight, lora_a, lora_b, low_t)
-        ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.scaling, ctx.packed = scaling, packed
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         # the rank-sized products are formed as [r, tokens] x [tokens, n]: the other way round
         # (`g^T low`, [n, tokens] x [tokens, r]) took 1.8x as long at MiniLM's shapes
         x2, weight, lora_a, lora_b, low_t = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
+        g = grad
         g_low_t = torch.mm(lora_b.t(), g.t()).mul_(ctx.scaling)  # the gradient of low, [r, T]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, weight).addmm_(g_low_t.t(), lora_a).view(*grad.shape[:-1], -1)
+            dx = torch.mm(g, weight) if ctx.packed is None \
+                else linear_packed(g, ctx.packed.transposed())
+            dx.addmm_(g_low_t.t(), lora_a)
         d_a = torch.mm(g_low_t, x2) if ctx.needs_input_grad[3] else None
         d_b = torch.mm(low_t, g).t() if ctx.needs_input_grad[4] else None
-        return dx, None, None, d_a, d_b, None
+        return dx, None, None, d_a, d_b, None, None
 
 
 class _Fused:
@@ -88,12 +97,21 @@ class _Fused:
     def _lora_linear(self, x: torch.Tensor, name: str, dtype: torch.dtype | None):
         base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
         weight, bias = base.weight, base.bias
+        packed = None
         if dtype is not None:  # the casts autocast would make (the frozen weight's kept)
             x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
-            weight = cached_cast(base, weight, dtype) if isinstance(base, CachedCastLinear) \
-                else weight.to(dtype)
+            if isinstance(base, CachedCastLinear):
+                packed = packed_weights(base, weight, dtype)
+            if packed is not None:
+                weight = None
+            elif isinstance(base, CachedCastLinear):
+                weight = cached_cast(base, weight, dtype)
+            else:
+                weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling[name])
+        out = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, b,
+                                       self.scaling[name], packed)
+        return out.view(*x.shape[:-1], out.shape[-1])  # a view made outside the function
 
     def _one_function(self, name: str, uncast: torch.dtype | None) -> bool:
         """Whether `LoraLinearFunction` computes this layer: a frozen `nn.Linear` base, no
