@@ -232,3 +232,15 @@ def test_kept_embedding_gradients_train_as_torch_does(tiny_overrides, tmp_path, 
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_run_served_in_bf16_reports_what_it_trained(tiny_overrides, tmp_path):
+    """Loaded for bf16 prediction every weight is frozen; the server still reports the
+    parameters the run trained."""
+    from tunelab.serve.pool import ModelPool
+
+    assert main(["train", *tiny_overrides, "train.max_steps=2"]) == 0
+    trained = json.loads((tmp_path / "run" / "results.json").read_text())["train"]
+    served = ModelPool(precision="bf16").add("full", tmp_path / "run")
+    assert not any(p.requires_grad for p in served.predictor.model.parameters())
+    assert served.describe()["trainable_params"] == trained["trainable_params"] > 0

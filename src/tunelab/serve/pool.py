@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab import exported, models, runs
+from tunelab import experiments, exported, models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.predict import Predictor, run_uses_bf16
@@ -196,7 +196,11 @@ class ModelPool:
     def _load_whole(self, name: str, run_dir: Path, config, method: str) -> Served:
         """A run as `tunelab.load` gives it, holding every tensor of its own."""
         predictor = tunelab.load(run_dir, precision=self.precision, batch_size=self.batch_size)
-        trainable, _ = registry.count_parameters(predictor.model)
+        # what the run trained (loaded for bf16 prediction, every weight is frozen)
+        results = experiments.read_optional_json(run_dir / "results.json")
+        trainable = results.get("train", {}).get("trainable_params")
+        if trainable is None:
+            trainable, _ = registry.count_parameters(predictor.model)
         task, chat = config.task.name, None
         if task == "instruction":
             chat = predictor
