@@ -178,8 +178,8 @@ def load_run_model(run_dir: Path, config, labels: list[str], env: dict, merge: b
 def keep_weights_cast(model):
     """`model` for prediction under bf16 autocast: its weights frozen, so that each linear
     layer keeps its bf16 cast, on CPU laid out for oneDNN (`train.frozen`), instead of autocast
-    making it again at every batch: MiniLM predicted 5% more sentences/s, the same logits. Costs
-    the weights' size in bf16 once."""
+    making it again at every batch: MiniLM predicted 3% more sentences/s, the same logits
+    (bench/packed_weights.py). Costs the weights' size in bf16 once."""
     model.requires_grad_(False)
     cache_frozen_casts(model)
     return model

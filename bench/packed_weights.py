@@ -1,0 +1,194 @@
+"""What laying frozen weights out for oneDNN once (`tunelab.train.frozen.packed_weights`) buys,
+measured in one process with both paths interleaved (the machine drifts between processes):
+
+1. MiniLM's 36 linear layers (random bf16 weights), forward plus input gradient, at three token
+   counts: torch's `addmm`/`mm` (which re-lays out the weight at every call) vs the packed path.
+2. Prediction: MiniLM on the first 640 SST-2 test sentences, `Predictor` with and without
+   `keep_weights_cast` (what `tunelab.load(run, precision="bf16")` does): sentences/s, and
+   whether the logits are identical.
+3. A LoRA training step (`configs/minilm/sst2_lora.yaml`): every step's micro-batch runs with
+   packing off and on, back to back, in alternating order; the median of the per-step ratios.
+
+    .venv/bin/python bench/packed_weights.py           # ~3 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NAME = "packed_weights"
+SHAPES = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # one MiniLM layer: q, k, v, o, in, out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, NAME)
+    parser.add_argument("--tokens", default="832,1280,2080", help="token counts of part 1")
+    parser.add_argument("--sentences", type=int, default=640)
+    parser.add_argument("--rounds", type=int, default=6, help="prediction rounds per path")
+    parser.add_argument("--steps", type=int, default=40, help="paired LoRA steps")
+    return parser.parse_args(argv)
+
+
+def layer_matmuls(tokens: int, repeats: int = 15) -> dict:
+    """Milliseconds for forward + input gradient of 6 layers x 6 linear layers, each path."""
+    import torch
+
+    from tunelab.train.frozen import PackedWeight, linear_packed
+
+    torch.manual_seed(0)
+    layers = [torch.randn(o, i, dtype=torch.bfloat16) for o, i in SHAPES * 6]
+    biases = [torch.randn(w.shape[0], dtype=torch.bfloat16) for w in layers]
+    packed = [PackedWeight(w, torch.bfloat16) for w in layers]
+    for p in packed:
+        p.transposed()
+    xs = {n: torch.randn(tokens, n, dtype=torch.bfloat16) for n in (384, 1536)}
+
+    def plain():
+        for w, b in zip(layers, biases):
+            torch.addmm(b, xs[w.shape[1]], w.t())
+            torch.mm(xs[w.shape[0]], w)
+
+    def laid_out():
+        for w, b, p in zip(layers, biases, packed):
+            linear_packed(xs[w.shape[1]], p.matrix, b)
+            linear_packed(xs[w.shape[0]], p.transposed())
+
+    times = {"plain": [], "packed": []}
+    for _ in range(3):
+        plain(), laid_out()
+    for r in range(repeats):
+        for name, f in (("plain", plain), ("packed", laid_out))[::1 if r % 2 else -1]:
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {"tokens": tokens, **ms, "saved": 1 - ms["packed"] / ms["plain"]}
+
+
+def prediction(args) -> dict:
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.models import resolve_model
+    from tunelab.predict import Predictor, keep_weights_cast
+
+    path = resolve_model("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    lines = (args.data_dir / "sst2" / "test.txt").read_text().splitlines()[:args.sentences]
+    texts = [line.split(" ", 1)[1] for line in lines]
+    plain = Predictor(model, tokenizer, ["negative", "positive"], 128, bf16=True)
+    kept = Predictor(keep_weights_cast(copy.deepcopy(model)), tokenizer,
+                     ["negative", "positive"], 128, bf16=True)
+    identical = bool(torch.equal(plain.logits(texts), kept.logits(texts)))
+    times = {"plain": [], "packed": []}
+    for r in range(args.rounds):
+        for name, p in (("plain", plain), ("packed", kept))[::1 if r % 2 else -1]:
+            t0 = time.perf_counter()
+            p.logits(texts)
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
+    return {"sentences": len(texts), "plain_per_s": rate["plain"],
+            "packed_per_s": rate["packed"], "identical_logits": identical}
+
+
+def lora_steps(args) -> dict:
+    from tunelab.config import resolve_config
+    from tunelab.train import frozen, loop
+
+    sst2 = args.data_dir / "sst2"
+    times = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve_config(f"{common.REPO_ROOT}/configs/minilm/sst2_lora.yaml", [
+            f"data.train={sst2 / 'train.txt'}", f"data.validation={sst2 / 'dev.txt'}",
+            f"data.test={sst2 / 'test.txt'}", "data.max_train_rows=3000",
+            f"train.max_steps={args.steps + 5}", "train.eval_every=1000000",
+            "train.save_every=1000000", "train.tracker=none", f"run_dir={tmp}/run"])
+        step = loop.optimizer_step
+
+        def paired(*a, **k):  # the same micro-batches twice, packing off and on
+            n = len(times[False]) + len(times[True])
+            order = (False, True) if n % 4 == 0 else (True, False)
+            for pack in order:
+                frozen.PACK_WEIGHTS = pack
+                t0 = time.perf_counter()
+                result = step(*a, **k)
+                times[pack].append(time.perf_counter() - t0)
+            return result
+
+        loop.optimizer_step = paired
+        try:
+            loop.train(config, quiet=True)
+        finally:
+            loop.optimizer_step, frozen.PACK_WEIGHTS = step, True
+    plain, packed = times[False][5:], times[True][5:]  # warm-up steps left out
+    ratios = [b / a for a, b in zip(plain, packed)]
+    return {"steps": len(ratios), "plain_ms": 1000 * statistics.median(plain),
+            "packed_ms": 1000 * statistics.median(packed),
+            "median_ratio": statistics.median(ratios)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from tunelab.train.frozen import _can_pack
+
+    if not _can_pack():
+        print(f"[{NAME}] this torch build has no packed oneDNN linear: nothing to measure",
+              file=sys.stderr)
+        return 1
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # one per usable core, as tunelab
+    started = time.perf_counter()
+    print(f"[{NAME}] layer matmuls ...", flush=True)
+    layers = [layer_matmuls(int(n)) for n in args.tokens.split(",")]
+    print(f"[{NAME}] prediction ...", flush=True)
+    predicted = prediction(args)
+    print(f"[{NAME}] LoRA steps ...", flush=True)
+    steps = lora_steps(args)
+    report = {"command": common.command_line(), "date": common.now(),
+              "machine": common.machine_info(), "layers": layers, "prediction": predicted,
+              "lora_steps": steps, "seconds": round(time.perf_counter() - started, 1)}
+    common.write_json(args.out, report)
+    if args.markdown:
+        common.update_markdown_section(args.markdown, NAME, markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    rows = [[f"MiniLM's 36 linear layers, forward + input gradient, {r['tokens']:,} tokens "
+             "(ms)", common.fmt(r["plain"]), common.fmt(r["packed"]),
+             f"{100 * r['saved']:.1f}% less time"] for r in report["layers"]]
+    p, s = report["prediction"], report["lora_steps"]
+    rows.append([f"prediction, {p['sentences']} SST-2 sentences (sentences/s)",
+                 common.fmt(p["plain_per_s"]), common.fmt(p["packed_per_s"]),
+                 f"{p['packed_per_s'] / p['plain_per_s']:.3f}x; logits "
+                 + ("identical" if p["identical_logits"] else "DIFFERENT")])
+    rows.append([f"LoRA training step, median of {s['steps']} paired steps (ms)",
+                 common.fmt(s["plain_ms"]), common.fmt(s["packed_ms"]),
+                 f"step ratio {s['median_ratio']:.3f}"])
+    return "\n\n".join([
+        "## Frozen weights laid out for oneDNN once (bf16, CPU)",
+        f"`{report['command']}`",
+        f"{report['date']}; {common.machine_line(report['machine'])}; {report['seconds']:.0f} s",
+        "torch's bf16 matmul hands oneDNN the plain weight, re-laid out at every call; "
+        "`tunelab.train.frozen.packed_weights` lays a frozen weight out once (as W and W^T). "
+        "Both paths in one process, interleaved.",
+        common.markdown_table(["", "plain (autocast)", "laid out once", ""], rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
