@@ -22,13 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NAME = "step_profile"
+PACKED = "mkldnn::_linear_pointwise"
+"""A matmul with a weight laid out in advance (tunelab.train.frozen); the profiler counts no
+FLOPs for it, so they are taken from its shapes."""
 WARMUP_STEPS = 10
 CATEGORIES = [  # (category, ops whose self time it counts); the rest is "other"
-    ("matmul", {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"}),
+    ("matmul", {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", PACKED}),
     ("dtype casts and copies", {"aten::copy_", "aten::_to_copy"}),
     ("optimizer (fused AdamW)", {"aten::_fused_adamw_"}),
     ("GELU", {"aten::gelu", "aten::gelu_backward"}),
-    ("dropout masks", {"aten::random_", "aten::ge"}),
+    ("dropout masks (torch's part)", {"aten::random_", "aten::ge"}),
     ("softmax", {"aten::_softmax", "aten::_softmax_backward_data"}),
     ("layer norm", {"aten::native_layer_norm", "aten::native_layer_norm_backward"}),
     ("gradient norm (clipping)", {"aten::linalg_vector_norm"}),
@@ -87,12 +90,12 @@ def profile_child(args) -> None:
     shares = {name: 0.0 for name, _ in CATEGORIES}
     shares["other"] = 0.0
     matmul_us = matmul_flops = 0.0
-    for e in events:
+    for e in prof.key_averages(group_by_input_shape=True):
         name = next((c for c, ops in CATEGORIES if e.key in ops), "other")
         shares[name] += e.self_cpu_time_total
         if name == "matmul":
             matmul_us += e.self_cpu_time_total
-            matmul_flops += e.flops or 0
+            matmul_flops += packed_flops(e) if e.key == PACKED else e.flops or 0
     profiled = seconds[WARMUP_STEPS:]
     common.write_json(Path(out), {
         "method": method, "steps": len(profiled), "threads": torch.get_num_threads(),
@@ -100,6 +103,15 @@ def profile_child(args) -> None:
         "tokens_per_step": sum(tokens[WARMUP_STEPS:]) / len(profiled),
         "shares": {k: v / total for k, v in shares.items()},
         "matmul_gflops": matmul_flops / matmul_us / 1e3 if matmul_us else None})
+
+
+def packed_flops(event) -> int:
+    """2 x rows x in x out for `_linear_pointwise(x [.., in], W [out, in], ...)`, all calls."""
+    x, w = event.input_shapes[0], event.input_shapes[1]
+    rows = 1
+    for n in x[:-1]:
+        rows *= n
+    return 2 * rows * x[-1] * w[0] * event.count
 
 
 def main(argv=None) -> int:
@@ -156,7 +168,10 @@ def markdown(report: dict) -> str:
         f"Self time of each op over {results[0]['steps']} steps after {WARMUP_STEPS}, "
         "torch.profiler, batch 32, length-grouped; the matmul rate alone at the encoder's "
         f"shapes (bench/mfu.py's probe, {report['probe']['rows']} rows) was "
-        f"**{peak} GFLOP/s** in this run. The profiler's own cost is in the step times.",
+        f"**{peak} GFLOP/s** in this run. The profiler's own cost is in the step times. "
+        "Shares are of the time inside torch ops: the dropout masks' random draws (numpy) and "
+        "Python are outside them; matmul counts oneDNN's linear with weights laid out in "
+        "advance (LoRA's frozen layers) beside mm/addmm/bmm.",
         common.markdown_table(["share of the step", *(r["method"] for r in results)], rows)])
 
 
