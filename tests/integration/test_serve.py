@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from serving import running
 
 import tunelab
@@ -144,6 +145,23 @@ def test_adapter_runs_share_the_base_weights(pool, runs):
     full = pool.models["full"].predictor.model
     assert not base_ptrs & {p.data_ptr() for p in full.parameters()}
     assert pool.models["freeze"].private_bytes < 1000  # a 2-label head on a 32-wide model
+
+
+def test_in_bf16_adapter_runs_share_the_base_layout_and_predict_as_loaded(runs):
+    """Served in bf16, adapter runs freeze their weights and lay the shared base out for the
+    matmul once for all of them (on CPUs where that path is); each predicts exactly as
+    `tunelab.load(run, precision="bf16", merge=False)`."""
+    from tunelab.train.frozen import _can_pack
+
+    pool = ModelPool(precision="bf16")
+    for name in ("lora", "freeze"):
+        served = pool.add(name, runs[name])
+        assert served.describe()["trainable_params"] > 0  # counted before freezing
+        alone = tunelab.load(runs[name], precision="bf16", merge=False)
+        assert torch.equal(served.predictor.logits(TEXTS), alone.logits(TEXTS)), name
+    layouts = [{id(m.__dict__["_pack_cache"][1]) for m in pool.models[name].predictor.model
+                .modules() if "_pack_cache" in m.__dict__} for name in ("lora", "freeze")]
+    assert bool(layouts[0] & layouts[1]) == _can_pack()
 
 
 def test_bad_requests_get_clear_errors(server):

@@ -103,3 +103,29 @@ def test_a_3d_output_takes_in_place_additions_as_autocast_s_does():
         results.append((out, extra.grad, net[0].bias.grad))
     assert results[1][0].shape == (2, 5, 32)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif(not PACKS, reason="this torch build has no packed oneDNN linear")
+def test_models_over_the_same_weights_share_one_layout():
+    """`tunelab serve` builds one model per adapter over the shared base's tensors: the base's
+    layout is made once, not once per model; a weight of its own gets its own."""
+    first = frozen_net()
+    second, third = frozen_net(), frozen_net()
+    second[0].weight = nn.Parameter(first[0].weight.data, requires_grad=False)  # shared memory
+    for net in (first, second, third):
+        cache_frozen_casts(net)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            net(torch.randn(2, 16))
+    packs = [net[0].__dict__["_pack_cache"][1] for net in (first, second, third)]
+    assert packs[0] is packs[1] and packs[2] is not packs[0]
+    with torch.no_grad():  # written in place: laid out again, and a newcomer gets the new one
+        first[0].weight.mul_(2)
+    fourth = frozen_net()
+    fourth[0].weight = nn.Parameter(first[0].weight.data, requires_grad=False)
+    cache_frozen_casts(fourth)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = first(x)
+        assert first[0].__dict__["_pack_cache"][1] is not packs[0]
+        assert torch.equal(fourth(x), out)
+    assert fourth[0].__dict__["_pack_cache"][1] is first[0].__dict__["_pack_cache"][1]

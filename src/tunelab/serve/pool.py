@@ -40,7 +40,7 @@ import tunelab
 from tunelab import experiments, exported, models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
-from tunelab.predict import Predictor, run_uses_bf16
+from tunelab.predict import Predictor, keep_weights_cast, run_uses_bf16
 from tunelab.tasks import get_task
 from tunelab.tasks.base import BuiltModel
 
@@ -176,10 +176,13 @@ class ModelPool:
         if task != "classification" or spec.saves == "model":
             return self._load_whole(name, run_dir, config, spec.name)
         model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
-        predictor = Predictor(model, tokenizer, labels, config.model.max_length,
-                              run_uses_bf16(env, self.precision), self.batch_size, config)
-        predictor.run_dir = run_dir
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        bf16 = run_uses_bf16(env, self.precision)
+        if bf16:  # the base's layout is made once and shared by every model over it
+            keep_weights_cast(model)
+        predictor = Predictor(model, tokenizer, labels, config.model.max_length, bf16,
+                              self.batch_size, config)
+        predictor.run_dir = run_dir
         return Served(name, run_dir, predictor, task, spec.name, config.model.name, base.path,
                       trainable, owned_bytes(model, base.storages()))
 

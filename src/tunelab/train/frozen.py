@@ -25,6 +25,7 @@ The copies are not buffers (never saved); training under FSDP or DeepSpeed skips
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -51,12 +52,25 @@ def packed_weights(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype):
     if not PACK_WEIGHTS or weight.requires_grad or dtype != torch.bfloat16 \
             or weight.device.type != "cpu" or not _can_pack():
         return None
-    key = (dtype, weight._version, weight.data_ptr())
+    memory = (dtype, weight.data_ptr(), tuple(weight.shape), weight.stride())
     cached = module.__dict__.get("_pack_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, PackedWeight(weight, dtype))
+    if cached is None or cached[0] != (memory, weight._version):
+        # a layer new to this memory may take the layout another layer made of it (the models
+        # `tunelab serve` builds over one shared base); one whose weight was written in place
+        # makes it again
+        written = cached is not None and cached[0][0] == memory
+        packed = None if written else _SHARED.get(memory)
+        if packed is None or not packed.current():
+            packed = _SHARED[memory] = PackedWeight(weight, dtype)
+        cached = ((memory, weight._version), packed)
         module.__dict__["_pack_cache"] = cached
     return cached[1]
+
+
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+"""The `PackedWeight`s layers hold, by the memory they were made from. An entry lives as long
+as a layer holds it, and it holds its weight, so the address in its key is not reused
+meanwhile."""
 
 
 class PackedWeight:
@@ -64,9 +78,13 @@ class PackedWeight:
     backward pass on (prediction never asks), as `W^T`, for the input gradient `g W`."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
-        self.weight, self.dtype = weight, dtype
+        self.weight, self.dtype, self.version = weight, dtype, weight._version
         self.matrix = _reorder(weight.detach().to(dtype))
         self._transposed = None
+
+    def current(self) -> bool:
+        """Whether the weight it was made from is unchanged (no in-place write since)."""
+        return self.weight._version == self.version
 
     def transposed(self) -> torch.Tensor:
         if self._transposed is None:
