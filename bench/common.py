@@ -134,6 +134,15 @@ def write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj)
 
 
+def publish(args, name: str, report: dict, text: str) -> None:
+    """Write `report` to --out and `text` to the `name` section of --markdown (unless ''),
+    and print `text`."""
+    write_json(args.out, report)
+    if args.markdown:
+        update_markdown_section(args.markdown, name, text)
+    print(text)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]

@@ -161,10 +161,7 @@ def main(argv=None) -> int:
     report = {"command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(), "layers": layers, "prediction": predicted,
               "lora_steps": steps, "seconds": round(time.perf_counter() - started, 1)}
-    common.write_json(args.out, report)
-    if args.markdown:
-        common.update_markdown_section(args.markdown, NAME, markdown(report))
-    print(markdown(report))
+    common.publish(args, NAME, report, markdown(report))
     return 0
 
 

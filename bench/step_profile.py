@@ -143,10 +143,7 @@ def main(argv=None) -> int:
     report = {"command": common.command_line(), "date": common.now(), "machine": info,
               "probe": probe, "results": results,
               "seconds": round(time.perf_counter() - started, 1)}
-    common.write_json(args.out, report)
-    if args.markdown:
-        common.update_markdown_section(args.markdown, NAME, markdown(report))
-    print(markdown(report))
+    common.publish(args, NAME, report, markdown(report))
     return 0
 
 
