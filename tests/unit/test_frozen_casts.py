@@ -129,3 +129,20 @@ def test_models_over_the_same_weights_share_one_layout():
         assert first[0].__dict__["_pack_cache"][1] is not packs[0]
         assert torch.equal(fourth(x), out)
     assert fourth[0].__dict__["_pack_cache"][1] is first[0].__dict__["_pack_cache"][1]
+
+
+def test_a_module_that_ran_can_be_copied_and_saved():
+    """oneDNN's layouts cannot be copied or pickled: a copy or a saved whole module lays its
+    weights out again and computes as the original."""
+    import io
+
+    net = frozen_net()
+    cache_frozen_casts(net)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = net(x)
+        buffer = io.BytesIO()
+        torch.save(net, buffer)
+        buffer.seek(0)
+        for other in (copy.deepcopy(net), torch.load(buffer, weights_only=False)):
+            assert torch.equal(other(x), want)

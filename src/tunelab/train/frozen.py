@@ -54,7 +54,7 @@ def packed_weights(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype):
         return None
     memory = (dtype, weight.data_ptr(), tuple(weight.shape), weight.stride())
     cached = module.__dict__.get("_pack_cache")
-    if cached is None or cached[0] != (memory, weight._version):
+    if cached is None or cached[0] != (memory, weight._version) or cached[1] is None:
         # a layer new to this memory may take the layout another layer made of it (the models
         # `tunelab serve` builds over one shared base); one whose weight was written in place
         # makes it again
@@ -85,6 +85,14 @@ class PackedWeight:
     def current(self) -> bool:
         """Whether the weight it was made from is unchanged (no in-place write since)."""
         return self.weight._version == self.version
+
+    # oneDNN's layouts have no storage to copy or pickle: a copied or saved module holds None
+    # in their place and lays its weights out again when next called
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
 
     def transposed(self) -> torch.Tensor:
         if self._transposed is None:
