@@ -26,10 +26,11 @@ def clip_gradients(acc, model, optimizer, max_norm: float, in_step: bool) -> Non
     in_step: where one plain process (or DDP, whose gradients are already the same everywhere)
     steps fused AdamW with no loss scaler, the factor goes to the optimizer as `grad_scale`,
     which its kernel divides every gradient by as it reads it: no pass of its own over the
-    gradients (1.1% of a MiniLM full fine-tuning step). The caller passes False where the
-    gradients are read after the step (AdaLoRA's rank allocation reads them clipped). Either
-    way the norm is taken over the optimizer's parameters only, not every module's: walking a
-    LoRA model's modules for its parameters cost 2 ms a step."""
+    gradients. The caller passes False where the gradients are read after the step (AdaLoRA's
+    rank allocation reads them clipped). Either way the norm is one `_foreach_norm` over the
+    optimizer's parameters, not a norm per tensor of every module's parameters (a LoRA model's
+    ~5,500 module visits a step). Paired steps: 2.5% less time for MiniLM full fine-tuning,
+    0.8% for LoRA."""
     if engines.kind(acc) == "fsdp":  # Accelerate hands FSDP the whole model's parameters
         acc.clip_grad_norm_(model.parameters(), max_norm)
         return
