@@ -8,8 +8,11 @@ measured in one process with both paths interleaved (the machine drifts between 
    whether the logits are identical.
 3. A LoRA training step (`configs/minilm/sst2_lora.yaml`): every step's micro-batch runs with
    packing off and on, back to back, in alternating order; the median of the per-step ratios.
+4. Generation with SmolLM2-135M-Instruct in bf16 (when its package is installed, see
+   README): `Generator.from_pretrained` with and without `keep_weights_cast`, greedy, the same
+   prompts: seconds, new tokens/s, whether the texts are identical.
 
-    .venv/bin/python bench/packed_weights.py           # ~3 minutes
+    .venv/bin/python bench/packed_weights.py           # ~2 minutes
 """
 from __future__ import annotations
 
@@ -140,6 +143,41 @@ def lora_steps(args) -> dict:
             "median_ratio": statistics.median(ratios)}
 
 
+def generation(args) -> dict | None:
+    from tunelab import predict
+    from tunelab.errors import TunelabError
+    from tunelab.generate import Generator
+
+    prompts = ["Write a haiku about autumn.", "What is the capital of France?",
+               "Give three tips for learning Python.",
+               "Explain what a neural network is in one sentence."]
+    try:
+        kept = Generator.from_pretrained("smollm2", precision="bf16", max_new_tokens=48,
+                                         batch_size=len(prompts))
+    except TunelabError as e:  # the optional model package is not installed
+        print(f"[{NAME}] generation skipped: {e}", file=sys.stderr)
+        return None
+    keep = predict.keep_weights_cast
+    predict.keep_weights_cast = lambda model: model
+    try:
+        plain = Generator.from_pretrained("smollm2", precision="bf16", max_new_tokens=48,
+                                          batch_size=len(prompts))
+    finally:
+        predict.keep_weights_cast = keep
+    texts = {"plain": [g.text for g in plain.generate(prompts)],
+             "packed": [g.text for g in kept.generate(prompts)]}
+    times = {"plain": [], "packed": []}
+    for r in range(args.rounds // 2 or 1):
+        for name, g in (("plain", plain), ("packed", kept))[::1 if r % 2 else -1]:
+            t0 = time.perf_counter()
+            g.generate(prompts)
+            times[name].append(time.perf_counter() - t0)
+    tokens = sum(len(plain.tokenizer(t)["input_ids"]) for t in texts["plain"])
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    return {"prompts": len(prompts), "new_tokens": tokens, "plain_s": seconds["plain"],
+            "packed_s": seconds["packed"], "identical_texts": texts["plain"] == texts["packed"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -156,11 +194,14 @@ def main(argv=None) -> int:
     layers = [layer_matmuls(int(n)) for n in args.tokens.split(",")]
     print(f"[{NAME}] prediction ...", flush=True)
     predicted = prediction(args)
+    print(f"[{NAME}] generation ...", flush=True)
+    generated = generation(args)  # before training changes malloc's settings for the process
     print(f"[{NAME}] LoRA steps ...", flush=True)
     steps = lora_steps(args)
     report = {"command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(), "layers": layers, "prediction": predicted,
-              "lora_steps": steps, "seconds": round(time.perf_counter() - started, 1)}
+              "lora_steps": steps, "generation": generated,
+              "seconds": round(time.perf_counter() - started, 1)}
     common.publish(args, NAME, report, markdown(report))
     return 0
 
@@ -177,6 +218,13 @@ def markdown(report: dict) -> str:
     rows.append([f"LoRA training step, median of {s['steps']} paired steps (ms)",
                  common.fmt(s["plain_ms"]), common.fmt(s["packed_ms"]),
                  f"step ratio {s['median_ratio']:.3f}"])
+    g = report.get("generation")
+    if g:
+        rows.append([f"SmolLM2-135M generation, {g['prompts']} prompts x 48 new tokens, greedy "
+                     "(new tokens/s)", common.fmt(g["new_tokens"] / g["plain_s"]),
+                     common.fmt(g["new_tokens"] / g["packed_s"]),
+                     f"{g['plain_s'] / g['packed_s']:.2f}x; texts "
+                     + ("identical" if g["identical_texts"] else "DIFFERENT")])
     return "\n\n".join([
         "## Frozen weights laid out for oneDNN once (bf16, CPU)",
         f"`{report['command']}`",
