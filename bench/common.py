@@ -134,6 +134,19 @@ def write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj)
 
 
+def sst2_steps_config(data_dir: Path, method: str, rows: int, steps: int, run_dir: Path):
+    """`configs/minilm/sst2_{method}.yaml` on `rows` SST-2 training rows for `steps` optimizer
+    steps, with no evaluation, checkpoint or tracker in between: a run to time steps in."""
+    from tunelab.config import resolve_config
+
+    sst2 = data_dir / "sst2"
+    return resolve_config(f"{REPO_ROOT}/configs/minilm/sst2_{method}.yaml", [
+        f"data.train={sst2 / 'train.txt'}", f"data.validation={sst2 / 'dev.txt'}",
+        f"data.test={sst2 / 'test.txt'}", f"data.max_train_rows={rows}",
+        f"train.max_steps={steps}", "train.eval_every=1000000", "train.save_every=1000000",
+        "train.tracker=none", f"run_dir={run_dir}"])
+
+
 def publish(args, name: str, report: dict, text: str) -> None:
     """Write `report` to --out and `text` to the `name` section of --markdown (unless ''),
     and print `text`."""

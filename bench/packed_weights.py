@@ -108,17 +108,12 @@ def prediction(args) -> dict:
 
 
 def lora_steps(args) -> dict:
-    from tunelab.config import resolve_config
     from tunelab.train import frozen, loop
 
-    sst2 = args.data_dir / "sst2"
     times = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
-        config = resolve_config(f"{common.REPO_ROOT}/configs/minilm/sst2_lora.yaml", [
-            f"data.train={sst2 / 'train.txt'}", f"data.validation={sst2 / 'dev.txt'}",
-            f"data.test={sst2 / 'test.txt'}", "data.max_train_rows=3000",
-            f"train.max_steps={args.steps + 5}", "train.eval_every=1000000",
-            "train.save_every=1000000", "train.tracker=none", f"run_dir={tmp}/run"])
+        config = common.sst2_steps_config(args.data_dir, "lora", 3000, args.steps + 5,
+                                          Path(tmp) / "run")
         step = loop.optimizer_step
 
         def paired(*a, **k):  # the same micro-batches twice, packing off and on

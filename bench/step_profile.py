@@ -55,18 +55,12 @@ def profile_child(args) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tunelab.config import resolve_config
     from tunelab.train import loop
 
     method, out = args.child.split(":", 1)
-    sst2 = args.data_dir / "sst2"
     steps = args.steps
-    config = resolve_config(f"{common.REPO_ROOT}/configs/minilm/sst2_{method}.yaml", [
-        f"data.train={sst2 / 'train.txt'}", f"data.validation={sst2 / 'dev.txt'}",
-        f"data.test={sst2 / 'test.txt'}", f"data.max_train_rows={args.train_rows}",
-        f"train.max_steps={WARMUP_STEPS + steps}", "train.eval_every=1000000",
-        "train.save_every=1000000", "train.tracker=none",
-        f"run_dir={Path(out).parent / ('run-' + method)}"])
+    config = common.sst2_steps_config(args.data_dir, method, args.train_rows,
+                                      WARMUP_STEPS + steps, Path(out).parent / f"run-{method}")
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True)
     step = loop.optimizer_step
     seconds, tokens = [], []

@@ -176,7 +176,7 @@ class ModelPool:
         if task != "classification" or spec.saves == "model":
             return self._load_whole(name, run_dir, config, spec.name)
         model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable, _ = registry.count_parameters(model)  # before prediction freezes it
         bf16 = run_uses_bf16(env, self.precision)
         if bf16:  # the base's layout is made once and shared by every model over it
             keep_weights_cast(model)

@@ -57,11 +57,10 @@ class LoraLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, g):
         # the rank-sized products are formed as [r, tokens] x [tokens, n]: the other way round
         # (`g^T low`, [n, tokens] x [tokens, r]) took 1.8x as long at MiniLM's shapes
         x2, weight, lora_a, lora_b, low_t = ctx.saved_tensors
-        g = grad
         g_low_t = torch.mm(lora_b.t(), g.t()).mul_(ctx.scaling)  # the gradient of low, [r, T]
         dx = None
         if ctx.needs_input_grad[0]:
@@ -100,15 +99,13 @@ class _Fused:
         packed = None
         if dtype is not None:  # the casts autocast would make (the frozen weight's kept)
             x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
-            if isinstance(base, CachedCastLinear):
-                packed = packed_weights(base, weight, dtype)
-            if packed is not None:
-                weight = None
-            elif isinstance(base, CachedCastLinear):
-                weight = cached_cast(base, weight, dtype)
-            else:
-                weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+            if not isinstance(base, CachedCastLinear):
+                weight = weight.to(dtype)
+            elif (packed := packed_weights(base, weight, dtype)) is not None:
+                weight = None  # the function takes the packed form instead
+            else:
+                weight = cached_cast(base, weight, dtype)
         out = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, b,
                                        self.scaling[name], packed)
         return out.view(*x.shape[:-1], out.shape[-1])  # a view made outside the function
