@@ -8,11 +8,13 @@ measured in one process with both paths interleaved (the machine drifts between 
    whether the logits are identical.
 3. A LoRA training step (`configs/minilm/sst2_lora.yaml`): every step's micro-batch runs with
    packing off and on, back to back, in alternating order; the median of the per-step ratios.
+   The same for grouping each layer's query, key and value projections into one matmul
+   (`tunelab.train.grouped`).
 4. Generation with SmolLM2-135M-Instruct in bf16 (when its package is installed, see
    README): `Generator.from_pretrained` with and without `keep_weights_cast`, greedy, the same
    prompts: seconds, new tokens/s, whether the texts are identical.
 
-    .venv/bin/python bench/packed_weights.py           # ~2 minutes
+    .venv/bin/python bench/packed_weights.py           # ~3 minutes
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def layer_matmuls(tokens: int, repeats: int = 15) -> dict:
     torch.manual_seed(0)
     layers = [torch.randn(o, i, dtype=torch.bfloat16) for o, i in SHAPES * 6]
     biases = [torch.randn(w.shape[0], dtype=torch.bfloat16) for w in layers]
-    packed = [PackedWeight(w, torch.bfloat16) for w in layers]
+    packed = [PackedWeight(w, dtype=torch.bfloat16) for w in layers]
     for p in packed:
         p.transposed()
     xs = {n: torch.randn(tokens, n, dtype=torch.bfloat16) for n in (384, 1536)}
@@ -107,8 +109,10 @@ def prediction(args) -> dict:
             "packed_per_s": rate["packed"], "identical_logits": identical}
 
 
-def lora_steps(args) -> dict:
-    from tunelab.train import frozen, loop
+def lora_steps(args, module, flag: str) -> dict:
+    """LoRA steps with `module.<flag>` off and on for each step's micro-batches, back to back,
+    in alternating order: the median per-step times and ratio."""
+    from tunelab.train import loop
 
     times = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,26 +120,26 @@ def lora_steps(args) -> dict:
                                           Path(tmp) / "run")
         step = loop.optimizer_step
 
-        def paired(*a, **k):  # the same micro-batches twice, packing off and on
+        def paired(*a, **k):  # the same micro-batches twice, the path off and on
             n = len(times[False]) + len(times[True])
             order = (False, True) if n % 4 == 0 else (True, False)
-            for pack in order:
-                frozen.PACK_WEIGHTS = pack
+            for on in order:
+                setattr(module, flag, on)
                 t0 = time.perf_counter()
                 result = step(*a, **k)
-                times[pack].append(time.perf_counter() - t0)
+                times[on].append(time.perf_counter() - t0)
             return result
 
         loop.optimizer_step = paired
         try:
             loop.train(config, quiet=True)
         finally:
-            loop.optimizer_step, frozen.PACK_WEIGHTS = step, True
-    plain, packed = times[False][5:], times[True][5:]  # warm-up steps left out
-    ratios = [b / a for a, b in zip(plain, packed)]
-    return {"steps": len(ratios), "plain_ms": 1000 * statistics.median(plain),
-            "packed_ms": 1000 * statistics.median(packed),
-            "median_ratio": statistics.median(ratios)}
+            loop.optimizer_step = step
+            setattr(module, flag, True)
+    off, on = times[False][5:], times[True][5:]  # warm-up steps left out
+    ratios = [b / a for a, b in zip(off, on)]
+    return {"steps": len(ratios), "off_ms": 1000 * statistics.median(off),
+            "on_ms": 1000 * statistics.median(on), "median_ratio": statistics.median(ratios)}
 
 
 def generation(args) -> dict | None:
@@ -191,11 +195,15 @@ def main(argv=None) -> int:
     predicted = prediction(args)
     print(f"[{NAME}] generation ...", flush=True)
     generated = generation(args)  # before training changes malloc's settings for the process
-    print(f"[{NAME}] LoRA steps ...", flush=True)
-    steps = lora_steps(args)
+    from tunelab.train import frozen, grouped
+
+    print(f"[{NAME}] LoRA steps, packing off/on ...", flush=True)
+    steps = lora_steps(args, frozen, "PACK_WEIGHTS")
+    print(f"[{NAME}] LoRA steps, projections grouped off/on ...", flush=True)
+    grouped_steps = lora_steps(args, grouped, "GROUP")
     report = {"command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(), "layers": layers, "prediction": predicted,
-              "lora_steps": steps, "generation": generated,
+              "lora_steps": steps, "grouped_steps": grouped_steps, "generation": generated,
               "seconds": round(time.perf_counter() - started, 1)}
     common.publish(args, NAME, report, markdown(report))
     return 0
@@ -211,15 +219,16 @@ def markdown(report: dict) -> str:
                  f"{p['packed_per_s'] / p['plain_per_s']:.3f}x; logits "
                  + ("identical" if p["identical_logits"] else "DIFFERENT")])
     rows.append([f"LoRA training step, median of {s['steps']} paired steps (ms)",
-                 common.fmt(s["plain_ms"]), common.fmt(s["packed_ms"]),
+                 common.fmt(s["off_ms"]), common.fmt(s["on_ms"]),
                  f"step ratio {s['median_ratio']:.3f}"])
-    g = report.get("generation")
-    if g:
-        rows.append([f"SmolLM2-135M generation, {g['prompts']} prompts x 48 new tokens, greedy "
-                     "(new tokens/s)", common.fmt(g["new_tokens"] / g["plain_s"]),
-                     common.fmt(g["new_tokens"] / g["packed_s"]),
-                     f"{g['plain_s'] / g['packed_s']:.2f}x; texts "
-                     + ("identical" if g["identical_texts"] else "DIFFERENT")])
+    gen = report.get("generation")
+    if gen:
+        rows.append([f"SmolLM2-135M generation, {gen['prompts']} prompts x 48 new tokens, "
+                     "greedy (new tokens/s)", common.fmt(gen["new_tokens"] / gen["plain_s"]),
+                     common.fmt(gen["new_tokens"] / gen["packed_s"]),
+                     f"{gen['plain_s'] / gen['packed_s']:.2f}x; texts "
+                     + ("identical" if gen["identical_texts"] else "DIFFERENT")])
+    g = report["grouped_steps"]
     return "\n\n".join([
         "## Frozen weights laid out for oneDNN once (bf16, CPU)",
         f"`{report['command']}`",
@@ -227,7 +236,14 @@ def markdown(report: dict) -> str:
         "torch's bf16 matmul hands oneDNN the plain weight, re-laid out at every call; "
         "`tunelab.train.frozen.packed_weights` lays a frozen weight out once (as W and W^T). "
         "Both paths in one process, interleaved.",
-        common.markdown_table(["", "plain (autocast)", "laid out once", ""], rows)])
+        common.markdown_table(["", "plain (autocast)", "laid out once", ""], rows),
+        "With the layouts, `tunelab.train.grouped` computes a layer's frozen query, key and "
+        "value projections as one matmul against their weights stacked (and backward, one "
+        "matmul for the input gradient where there were three and two sums):",
+        common.markdown_table(["", "each layer alone", "grouped", ""], [[
+            f"LoRA training step, median of {g['steps']} paired steps (ms)",
+            common.fmt(g["off_ms"]), common.fmt(g["on_ms"]),
+            f"step ratio {g['median_ratio']:.3f}"]])])
 
 
 if __name__ == "__main__":

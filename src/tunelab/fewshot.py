@@ -34,6 +34,7 @@ from tunelab.data.classification import Example
 from tunelab.errors import ConfigError, DataError
 from tunelab.train.frozen import cache_frozen_casts
 from tunelab.train.fused_lora import fuse_lora_layers
+from tunelab.train.grouped import group_projections
 
 FULL_LR = 2e-5
 """SetFit's learning rate for the whole encoder (the paper's and sentence-transformers')."""
@@ -167,6 +168,7 @@ class SetFitClassifier:
         encoder = registry.apply_method(encoder, method.name, method.settings, ctx)
         cache_frozen_casts(encoder)
         fuse_lora_layers(encoder)
+        group_projections(encoder)
         return encoder, tokenizer
 
     def fit(self, texts: list[str], labels: list[int]) -> "SetFitClassifier":

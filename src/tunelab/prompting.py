@@ -41,6 +41,7 @@ from tunelab.prompt_settings import (CAUSAL_PATTERN, FULL_LR, MLM_PATTERN, Promp
                                      causal_prompt, prompt_settings, split_pattern)
 from tunelab.train.frozen import cache_frozen_casts
 from tunelab.train.fused_lora import fuse_lora_layers
+from tunelab.train.grouped import group_projections
 
 # --------------------------------------------------------------------------------------------
 # the classifier
@@ -164,6 +165,7 @@ class PromptClassifier:
         model = registry.apply_method(model, method.name, method.settings, ctx)
         cache_frozen_casts(model)
         fuse_lora_layers(model)
+        group_projections(model)
         return model.to(self.device)
 
     # -- scores -------------------------------------------------------------------------------

@@ -153,8 +153,13 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_overrides, tmp_path):
     assert lb == pytest.approx(la, rel=1e-4)
 
 
+GROUPED = {"adalora": 0, "ia3": 0}  # their wrappers on the projections keep them apart
+"""Methods whose query, key and value projections are not one group per layer in bf16
+(`tunelab.train.grouped`); the others have the tiny model's two."""
+
+
 @pytest.mark.parametrize("method", ["adalora", "adapter_houlsby", "bitfit", "freeze", "ia3",
-                                    "prefix", "prompt"])
+                                    "lora", "prefix", "prompt"])
 def test_bf16_trains_every_adapter_method(method, tiny_overrides, tmp_path):
     """bf16 autocast under each method's own wrapping; the saved run loads and predicts in
     fp32."""
@@ -164,6 +169,8 @@ def test_bf16_trains_every_adapter_method(method, tiny_overrides, tmp_path):
                  "train.max_steps=2"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["test"]["accuracy"] <= 1
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["grouped_projections"] == GROUPED.get(method, 2)
     predictions = tunelab.load(tmp_path / "run", precision="fp32").predict(["a good film"])
     assert predictions[0]["label"] in ("positive", "negative")
     # in bf16 the loaded weights are frozen and each linear layer keeps its cast (on CPU its

@@ -61,7 +61,7 @@ def packed_weights(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype):
         written = cached is not None and cached[0][0] == memory
         packed = None if written else _SHARED.get(memory)
         if packed is None or not packed.current():
-            packed = _SHARED[memory] = PackedWeight(weight, dtype)
+            packed = _SHARED[memory] = PackedWeight(weight, dtype=dtype)
         cached = ((memory, weight._version), packed)
         module.__dict__["_pack_cache"] = cached
     return cached[1]
@@ -75,16 +75,19 @@ meanwhile."""
 
 class PackedWeight:
     """A weight laid out for oneDNN as `W`, for `x W^T` (`matrix`), and, from the first
-    backward pass on (prediction never asks), as `W^T`, for the input gradient `g W`."""
+    backward pass on (prediction never asks), as `W^T`, for the input gradient `g W`. Given
+    several weights with the same input size, `W` is them stacked by rows (one matmul computes
+    all their outputs side by side: `grouped.ProjectionGroup`)."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
-        self.weight, self.dtype, self.version = weight, dtype, weight._version
-        self.matrix = _reorder(weight.detach().to(dtype))
+    def __init__(self, *weights: torch.Tensor, dtype: torch.dtype):
+        self.weights, self.dtype = weights, dtype
+        self.versions = tuple(w._version for w in self.weights)
+        self.matrix = _reorder(self._whole())
         self._transposed = None
 
     def current(self) -> bool:
-        """Whether the weight it was made from is unchanged (no in-place write since)."""
-        return self.weight._version == self.version
+        """Whether the weights it was made from are unchanged (no in-place write since)."""
+        return tuple(w._version for w in self.weights) == self.versions
 
     # oneDNN's layouts have no storage to copy or pickle: a copied or saved module holds None
     # in their place and lays its weights out again when next called
@@ -96,8 +99,13 @@ class PackedWeight:
 
     def transposed(self) -> torch.Tensor:
         if self._transposed is None:
-            self._transposed = _reorder(self.weight.detach().to(self.dtype).t())
+            self._transposed = _reorder(self._whole().t())
         return self._transposed
+
+    def _whole(self) -> torch.Tensor:
+        with torch.no_grad():
+            cast = [w.detach().to(self.dtype) for w in self.weights]
+            return cast[0] if len(cast) == 1 else torch.cat(cast)
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -151,6 +159,13 @@ class PackedLinearFunction(torch.autograd.Function):
         return dx, d_bias, None
 
 
+def grouped_output(module: nn.Module, x: torch.Tensor, dtype: torch.dtype):
+    """`module`'s output for `x` computed with its siblings' (`grouped.ProjectionGroup`), or
+    None where it computes alone."""
+    group = module.__dict__.get("_group")
+    return None if group is None else group[0].output(group[1], x, dtype)
+
+
 class CachedCastLinear(nn.Linear):
     """`nn.Linear` that, under autocast with a frozen weight, reuses its cast weight (on CPU in
     bf16, its packed weight)."""
@@ -159,6 +174,8 @@ class CachedCastLinear(nn.Linear):
         dtype = autocast_dtype(x)
         if dtype is None or self.weight.requires_grad:
             return super().forward(x)
+        if (out := grouped_output(self, x, dtype)) is not None:
+            return out
         packed = packed_weights(self, self.weight, dtype)
         if packed is not None:
             out = PackedLinearFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), self.bias,

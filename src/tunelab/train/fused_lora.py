@@ -31,8 +31,8 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab.train.frozen import (CachedCastLinear, autocast_dtype, cached_cast, linear_packed,
-                                  packed_weights)
+from tunelab.train.frozen import (CachedCastLinear, autocast_dtype, cached_cast, grouped_output,
+                                  linear_packed, packed_weights)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -94,6 +94,8 @@ class _Fused:
         return out.view(result.shape).to(result.dtype)
 
     def _lora_linear(self, x: torch.Tensor, name: str, dtype: torch.dtype | None):
+        if dtype is not None and (out := grouped_output(self, x, dtype)) is not None:
+            return out
         base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
         weight, bias = base.weight, base.bias
         packed = None

@@ -21,6 +21,7 @@ from tunelab.train.dropout import use_fast_dropout
 from tunelab.train.embedding_grads import EmbeddingGrads
 from tunelab.train.frozen import cache_frozen_casts
 from tunelab.train.fused_lora import fuse_lora_layers
+from tunelab.train.grouped import group_projections
 from tunelab.train.memory import keep_freed_memory
 
 
@@ -108,8 +109,11 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
     if fast_dropout:  # GPUs draw torch's masks in a fused kernel already
         use_fast_dropout(model)
     plain = engine == "plain"
+    grouped = 0
     if plain:  # a sharding engine would keep whole copies
         cache_frozen_casts(model)
+        if precision == "bf16" and accelerator.device.type == "cpu":  # where groups compute
+            grouped = group_projections(model)
     keep = (config.train.keep_embedding_grads and plain and accelerator.num_processes == 1
             and accelerator.device.type == "cpu")
     embedding_grads = EmbeddingGrads(model) if keep else None
@@ -120,7 +124,8 @@ def prepare(config: RunConfig, resume, quiet: bool = False) -> Prepared:
                  built.tokenizer.pad_token_id, precision == "bf16", lr, per_epoch, total, quiet,
                  embedding_grads=embedding_grads)
     if accelerator.is_main_process:
-        write_run_files(p, data, threads, precision, fast_dropout, fused_lora,
+        write_run_files(p, data, threads, precision, fast_dropout,
+                        {"fused_lora_layers": fused_lora, "grouped_projections": grouped},
                         freed_memory_kept, resume is not None)
     start_tracker(p)
     trainable, all_params = p.parameters = registry.count_parameters(model)
@@ -213,7 +218,7 @@ def skip_adapter_input_casts(model) -> int:
 
 
 def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropout: bool,
-                    fused_lora: int, freed_memory_kept: bool, resumed: bool) -> None:
+                    fused: dict, freed_memory_kept: bool, resumed: bool) -> None:
     p.run_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
         if (p.run_dir / "results.json").exists() or (p.run_dir / "state").exists():
@@ -228,7 +233,7 @@ def write_run_files(p: Prepared, data, threads: int, precision: str, fast_dropou
         "precision": precision, "threads": threads, "processes": p.accelerator.num_processes,
         "dropout": "fast (16-bit masks)" if fast_dropout else "torch",
         "kept_embedding_grads": len(p.embedding_grads) if p.embedding_grads else 0,
-        "fused_lora_layers": fused_lora,
+        **fused,
         "freed_memory": "kept for reuse" if freed_memory_kept else "malloc's default",
         "device": str(p.accelerator.device), "lr": p.lr, "total_steps": p.total_steps,
         "engine": engines.kind(p.accelerator), "zero_stage": engines.zero_stage(p.accelerator),
