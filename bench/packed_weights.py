@@ -198,7 +198,9 @@ def main(argv=None) -> int:
     from tunelab.train import frozen, grouped
 
     print(f"[{NAME}] LoRA steps, packing off/on ...", flush=True)
+    grouped.GROUP = False  # packing alone (groups compute with packed weights only)
     steps = lora_steps(args, frozen, "PACK_WEIGHTS")
+    grouped.GROUP = True
     print(f"[{NAME}] LoRA steps, projections grouped off/on ...", flush=True)
     grouped_steps = lora_steps(args, grouped, "GROUP")
     report = {"command": common.command_line(), "date": common.now(),

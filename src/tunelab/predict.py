@@ -178,9 +178,9 @@ def load_run_model(run_dir: Path, config, labels: list[str], env: dict, merge: b
 def keep_weights_cast(model):
     """`model` for prediction under bf16 autocast: its weights frozen, so that each linear
     layer keeps its bf16 cast, on CPU laid out for oneDNN (`train.frozen`), instead of autocast
-    making it again at every batch: MiniLM predicted 3-10% more sentences/s, the same logits,
-    SmolLM2 generated 1.78x the tokens/s, the same text (bench/packed_weights.py; at one token
-    a step the per-call re-layout and the cast of the 49k-row output layer dominate). Costs the
+    making it again at every batch: MiniLM predicted 3-12% more sentences/s, the same logits,
+    SmolLM2 generated 1.65-1.93x the tokens/s, the same text (bench/packed_weights.py; at one
+    token a step the per-call re-layout and the cast of the 49k-row output layer dominate). Costs the
     weights' size in bf16 once."""
     model.requires_grad_(False)
     cache_frozen_casts(model)

@@ -13,9 +13,9 @@ On CPU in bf16 it goes one step further (`packed_weights`): torch's bf16 matmul 
 the plain weight, which oneDNN re-lays out at every call, forward and backward; a frozen weight
 is laid out once instead, as `W` for `x W^T` and as `W^T` for the input gradient `g W`, and the
 layer is `PackedLinearFunction`. MiniLM's linear layers, forward plus input gradient, took
-4-9% less time from 832 to 2,080 tokens and a LoRA step 3.2-3.3% less (bench/packed_weights.py,
-three runs), results bit-identical; the two layouts cost twice the weight's size in bf16, where the plain
-copy cost once (prediction, which never asks for `W^T`, once). Trained weights are left to
+1-9% less time from 832 to 2,080 tokens and a LoRA step 3.2-4.0% less
+(bench/packed_weights.py, five runs), results bit-identical; the two layouts cost twice the
+weight's size in bf16, where the plain copy cost once (prediction, which never asks for `W^T`, once). Trained weights are left to
 autocast: laying a weight out whole (cast, transpose, two reorders: ~2 ms for 1,536 x 384)
 costs more than the matmuls save, and full fine-tuning steps took 10% longer.
 

@@ -15,7 +15,7 @@ whole layer is one autograd function, `LoraLinearFunction`, with its backward wr
 input gradient in one matmul and one `addmm_` into it (no separate activation-sized sum), and
 the rank-sized products as `[r, tokens]` matmuls, the faster orientation on CPU (2.5-3% and 4%
 of a MiniLM LoRA step). On CPU in bf16 the frozen weight comes laid out for oneDNN in advance
-(`frozen.packed_weights`: 3.2-3.3% of a LoRA step). With LoRA dropout the layer is `addmm` as
+(`frozen.packed_weights`: 3.2-4.0% of a LoRA step). With LoRA dropout the layer is `addmm` as
 above.
 
 Only the plain case takes the fused path: one active LoRA adapter without a variant (DoRA

@@ -10,8 +10,9 @@ the others take theirs; backward is one matmul with the gradients side by side, 
 g_v] [W_q; W_k; W_v]`, where there were three and two sums. LoRA's update and a trained bias
 (BitFit) go in as in `fused_lora.LoraLinearFunction`, the members' LoRA `A`s stacked too. On
 MiniLM's shapes (864 to 2,080 tokens, bf16, two threads) the input gradient took 0.55-0.77x the
-time of the three matmuls and sums, and a LoRA step 0.970x (bench/packed_weights.py, paired
-steps); full fine-tuning gains nothing from stacking (its weights change at every step).
+time of the three matmuls and sums, and a LoRA step 0.970-0.990x (bench/packed_weights.py,
+paired steps, three runs). Trained weights are left alone: stacked and cast at every step, a
+layer's three took 0.98-1.01x the time forward and backward.
 
 Only on CPU in bf16 (where weights are laid out in advance) and only in training set-ups: a
 forward pass alone took 0.89-1.04x the time, so prediction keeps one layer at a time. A member
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunelab.train import frozen
 from tunelab.train.frozen import CachedCastLinear, PackedWeight, _can_pack, linear_packed
 
 SIBLINGS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
@@ -31,7 +33,8 @@ SIBLINGS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
 """Names of an attention block's (or gated MLP's) projections of one input, in the model
 families tunelab trains: BERT/RoBERTa/XLM-R/ELECTRA, Llama/Qwen/Gemma/SmolLM, DistilBERT."""
 GROUP = True
-"""Whether grouped members compute together (False: each alone, as without grouping)."""
+"""Whether grouped members compute together (False: each alone, as without grouping; so too
+with `frozen.PACK_WEIGHTS` off, since a group computes with its weights laid out)."""
 
 
 def group_projections(model: nn.Module) -> int:
@@ -80,7 +83,8 @@ class ProjectionGroup:
     def output(self, index: int, x: torch.Tensor, dtype: torch.dtype):
         """Member `index`'s output for `x` under autocast to `dtype`, or None where it computes
         alone."""
-        if not GROUP or dtype != torch.bfloat16 or x.device.type != "cpu":
+        if not (GROUP and frozen.PACK_WEIGHTS) or dtype != torch.bfloat16 \
+                or x.device.type != "cpu":
             return None
         pending = self._pending
         if pending is not None and pending[0] is x and pending[1] == _version(x) \
