@@ -169,3 +169,29 @@ def test_prediction_copies_and_changed_weights(tiny_bert):
     changed = encode(model, group=False)
     assert not torch.allclose(changed, want, atol=0.2)
     assert torch.allclose(encode(model), changed, atol=5e-2)
+
+
+def test_gradient_checkpointing_recomputes_the_group(tiny_bert, monkeypatch):
+    """Recomputed in backward (non-reentrant checkpointing), the group gives the gradients it
+    gives without checkpointing."""
+    model = bert(tiny_bert, target_modules=["query", "key", "value"])
+    set_up(model)
+    calls = count_calls(monkeypatch)
+    loss, want = loss_and_grads(model, True)
+    assert len(calls) == 2
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():  # no dropout: the same function as in eval mode
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(5, 100, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2:, 7:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1, 0])).loss
+    again.backward()
+    assert len(calls) == 2 + 4  # forward, and the recomputation in backward
+    assert torch.equal(again.detach(), loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, want[name]), name
