@@ -17,6 +17,7 @@ from tunelab.tasks import classification as cls_task
 from tunelab.tasks import get_task
 from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
 from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.fused_lora import fuse_lora_layers
 
 
 class Predictor:
@@ -184,4 +185,5 @@ def keep_weights_cast(model):
     weights' size in bf16 once."""
     model.requires_grad_(False)
     cache_frozen_casts(model)
+    fuse_lora_layers(model)  # LoRA kept apart from the base (`merge=False`, `tunelab serve`)
     return model

@@ -129,3 +129,35 @@ def test_frozen_base_weights_cast_or_packed_once_change_nothing(tiny_bert, monke
         assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
     bases = [m.base_layer for m in kept.modules() if type(m).__name__ == "FusedLinear"]
     assert all(("_pack_cache" in b.__dict__) == (pack and frozen._can_pack()) for b in bases)
+
+
+def test_prediction_keeps_lora_apart_in_fused_layers(tiny_bert):
+    """`keep_weights_cast` (bf16 prediction with the adapter unmerged: `tunelab serve`,
+    `merge=False`) computes LoRA layers in their fused form, with the frozen A and B cast once:
+    as close to fp32 as PEFT's own forward; a changed adapter weight is cast again."""
+    from tunelab.predict import keep_weights_cast
+
+    peft_model = lora_model(tiny_bert).eval()
+    fused = keep_weights_cast(lora_model(tiny_bert)).eval()
+    layers = [m for m in fused.modules() if type(m).__name__ == "FusedLinear"]
+    assert layers
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(3))
+
+    def logits(model, bf16=True):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(input_ids=ids).logits.float()
+
+    want, peft_bf16, got = logits(peft_model, bf16=False), logits(peft_model), logits(fused)
+    assert (got - want).abs().max() <= 2 * (peft_bf16 - want).abs().max() + 1e-3
+    kept = layers[0].lora_B["default"].__dict__["_cast_cache"][1]
+    assert kept.dtype == torch.bfloat16 and logits(fused).equal(got)
+    with torch.no_grad():
+        for model in (peft_model, fused):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1)
+    assert layers[0].lora_B["default"].__dict__["_cast_cache"][1] is kept  # not yet called
+    flipped = logits(fused)
+    assert not torch.allclose(flipped, got, atol=1e-3)
+    assert (flipped - logits(peft_model, bf16=False)).abs().max() \
+        <= 2 * (logits(peft_model) - logits(peft_model, bf16=False)).abs().max() + 1e-3
