@@ -10,8 +10,9 @@ for one epoch, about two minutes):
              one sentence per request, sequentially (p50/p99 latency), then CLIENTS concurrent
              clients sending BATCH sentences per request (sentences/s)
   in process `tunelab.load(...).predict(list)` for the run (fp32, bf16; the adapter folded
-             in, as `tunelab predict` runs it) and for its onnx/int8 exports, on the sentences
-             the pipeline gets as one list
+             in, as `tunelab predict` runs it; and bf16 with the adapter kept apart, as the
+             server computes it) and for its onnx/int8 exports, on the sentences the pipeline
+             gets as one list
   agreement  every configuration labels the AGREE first demo test sentences; the share whose
              label equals the run's own fp32 prediction, adapter apart (`tunelab.load(...,
              merge=False)`, in this process)
@@ -315,6 +316,8 @@ SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
                  "int8": "tunelab serve, int8 export (ONNX Runtime, int8 weights)"}
 IN_PROCESS_TITLES = {"fp32": "tunelab.load(run, precision=\"fp32\") (torch)",
                      "bf16": "tunelab.load(run, precision=\"bf16\") (torch autocast)",
+                     "bf16_unmerged": "tunelab.load(run, precision=\"bf16\", merge=False) "
+                                      "(the adapter kept apart, as the server keeps it)",
                      "onnx": "tunelab.load(onnx export) (ONNX Runtime, fp32)",
                      "int8": "tunelab.load(int8 export) (ONNX Runtime, int8 weights)"}
 
@@ -418,6 +421,8 @@ def main(argv=None) -> None:
         result["in_process"] = {
             precision: bench_in_process(run_dir, texts, args, reference, precision=precision)
             for precision in ("fp32", "bf16")}
+        result["in_process"]["bf16_unmerged"] = bench_in_process(
+            run_dir, texts, args, reference, precision="bf16", merge=False)
         print(f"in process: {result['in_process']}", file=sys.stderr)
         result["serve"] = {}
         for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
