@@ -15,9 +15,10 @@ is laid out once instead, as `W` for `x W^T` and as `W^T` for the input gradient
 layer is `PackedLinearFunction`. MiniLM's linear layers, forward plus input gradient, took
 1-9% less time from 832 to 2,080 tokens and a LoRA step 3.2-4.0% less
 (bench/packed_weights.py, five runs), results bit-identical; the two layouts cost twice the
-weight's size in bf16, where the plain copy cost once (prediction, which never asks for `W^T`, once). Trained weights are left to
-autocast: laying a weight out whole (cast, transpose, two reorders: ~2 ms for 1,536 x 384)
-costs more than the matmuls save, and full fine-tuning steps took 10% longer.
+weight's size in bf16, where the plain copy cost once (prediction, which never asks for `W^T`,
+once). Trained weights are left to autocast: laying a weight out whole (cast, transpose, two
+reorders: ~2 ms for 1,536 x 384) costs more than the matmuls save, and full fine-tuning steps
+took 10% longer.
 
 The copies are not buffers (never saved); training under FSDP or DeepSpeed skips all this
 (each process would keep whole copies of weights the engine shards).
