@@ -179,8 +179,13 @@ class CachedCastLinear(nn.Linear):
             return out
         packed = packed_weights(self, self.weight, dtype)
         if packed is not None:
-            out = PackedLinearFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), self.bias,
-                                             packed)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            if torch.is_grad_enabled():
+                out = PackedLinearFunction.apply(x2, self.bias, packed)
+            else:  # prediction builds no graph: none of autograd.Function's bookkeeping
+                # (a short sentence's forward, merged MiniLM: 6.66 -> 5.90 ms)
+                out = linear_packed(x2, packed.matrix,
+                                    None if self.bias is None else self.bias.to(dtype))
             return out.view(*x.shape[:-1], out.shape[-1])
         # autocast casts x and the bias as it would have; the weight is already cast
         return F.linear(x, cached_cast(self, self.weight, dtype), self.bias)

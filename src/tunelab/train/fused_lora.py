@@ -45,13 +45,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling, packed=None):
-        low_t = torch.mm(lora_a, x2.t()).mul_(scaling)  # (s x A^T)^T: [r, tokens]
-        if packed is not None:  # the weight laid out for oneDNN in advance (`packed_weights`)
-            out = linear_packed(x2, packed.matrix, bias)
-        else:
-            out = torch.addmm(bias, x2, weight.t()) if bias is not None \
-                else torch.mm(x2, weight.t())
-        out.addmm_(low_t.t(), lora_b.t())
+        out, low_t = lora_linear(x2, weight, bias, lora_a, lora_b, scaling, packed)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, low_t)
         ctx.scaling, ctx.packed = scaling, packed
         return out
@@ -70,6 +64,17 @@ class LoraLinearFunction(torch.autograd.Function):
         d_a = torch.mm(g_low_t, x2) if ctx.needs_input_grad[3] else None
         d_b = torch.mm(low_t, g).t() if ctx.needs_input_grad[4] else None
         return dx, None, None, d_a, d_b, None, None
+
+
+def lora_linear(x2, weight, bias, lora_a, lora_b, scaling, packed=None):
+    """`LoraLinearFunction`'s forward without autograd: the output and `(s x A^T)^T`."""
+    low_t = torch.mm(lora_a, x2.t()).mul_(scaling)  # (s x A^T)^T: [r, tokens]
+    if packed is not None:  # the weight laid out for oneDNN in advance (`packed_weights`)
+        out = linear_packed(x2, packed.matrix, bias)
+    else:
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    out.addmm_(low_t.t(), lora_b.t())
+    return out, low_t
 
 
 class _Fused:
@@ -109,8 +114,10 @@ class _Fused:
                 weight = None  # the function takes the packed form instead
             else:
                 weight = cached_cast(base, weight, dtype)
-        out = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, b,
-                                       self.scaling[name], packed)
+        args = (x.reshape(-1, x.shape[-1]), weight, bias, a, b, self.scaling[name], packed)
+        # prediction builds no graph: none of autograd.Function's bookkeeping (a short sentence
+        # with the adapter unmerged: 10.6 -> 10.3 ms)
+        out = LoraLinearFunction.apply(*args) if torch.is_grad_enabled() else lora_linear(*args)[0]
         return out.view(*x.shape[:-1], out.shape[-1])  # a view made outside the function
 
     def _one_function(self, name: str, uncast: torch.dtype | None) -> bool:
