@@ -10,8 +10,8 @@ the others take theirs; backward is one matmul with the gradients side by side, 
 g_v] [W_q; W_k; W_v]`, where there were three and two sums. LoRA's update and a trained bias
 (BitFit) go in as in `fused_lora.LoraLinearFunction`, the members' LoRA `A`s stacked too. On
 MiniLM's shapes (864 to 2,080 tokens, bf16, two threads) the input gradient took 0.55-0.77x the
-time of the three matmuls and sums, and a LoRA step 0.970-0.990x (bench/packed_weights.py,
-paired steps, three runs). Trained weights are left alone: stacked and cast at every step, a
+time of the three matmuls and sums, and a LoRA step 0.959-0.990x (bench/packed_weights.py,
+paired steps, four runs). Trained weights are left alone: stacked and cast at every step, a
 layer's three took 0.98-1.01x the time forward and backward.
 
 Only on CPU in bf16 (where weights are laid out in advance) and only in training set-ups: a
