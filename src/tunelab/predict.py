@@ -187,5 +187,5 @@ def keep_weights_cast(model):
     passes: a MiniLM run unmerged, 363 -> 413 sentences/s, one sentence 13.3 -> 10.6 ms."""
     model.requires_grad_(False)
     cache_frozen_casts(model)
-    fuse_lora_layers(model)  # LoRA kept apart from the base (`merge=False`, `tunelab serve`)
+    fuse_lora_layers(model)
     return model

@@ -35,7 +35,10 @@ from torch.nn import functional as F
 
 def cached_cast(module: nn.Module, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor.detach().to(dtype)`, kept on `module` until `tensor` changes (in-place updates
-    and loads bump its version) or another dtype is asked for."""
+    and loads bump its version) or another dtype is asked for. A trained tensor is cast at each
+    call, in the graph: optimizers update it in place without bumping the version."""
+    if tensor.requires_grad:
+        return tensor.to(dtype)
     key = (dtype, tensor._version, tensor.data_ptr())
     cached = module.__dict__.get("_cast_cache")
     if cached is None or cached[0] != key:

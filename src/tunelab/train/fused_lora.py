@@ -106,7 +106,8 @@ class _Fused:
         packed = None
         if dtype is not None:  # the casts autocast would make (frozen weights' kept)
             x = x.to(dtype)
-            a, b = _cast(self.lora_A[name], a, dtype), _cast(self.lora_B[name], b, dtype)
+            a = cached_cast(self.lora_A[name], a, dtype)  # kept where frozen (prediction)
+            b = cached_cast(self.lora_B[name], b, dtype)
             bias = None if bias is None else bias.to(dtype)
             if not isinstance(base, CachedCastLinear):
                 weight = weight.to(dtype)
@@ -141,12 +142,6 @@ class _Fused:
         name = adapters[0]
         return (name in self.lora_A and name not in getattr(self, "lora_variant", {})
                 and self.lora_B[name].bias is None)  # lora_bias: PEFT scales the bias too
-
-
-def _cast(module: nn.Module, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)`, kept on `module` while the tensor is frozen (prediction); a trained
-    one is cast at each call (optimizers update in place without bumping its version)."""
-    return tensor.to(dtype) if tensor.requires_grad else cached_cast(module, tensor, dtype)
 
 
 @cache
