@@ -10,9 +10,10 @@ for one epoch, about two minutes):
              one sentence per request, sequentially (p50/p99 latency), then CLIENTS concurrent
              clients sending BATCH sentences per request (sentences/s)
   in process `tunelab.load(...).predict(list)` for the run (fp32, bf16; the adapter folded
-             in, as `tunelab predict` runs it; and bf16 with the adapter kept apart, as the
-             server computes it) and for its onnx/int8 exports, on the sentences the pipeline
-             gets as one list
+             in, as `tunelab predict` runs it and as the server computes a run alone on
+             its base in bf16; and bf16 with the adapter kept apart, as the server computes
+             runs that share a base) and for its onnx/int8 exports, on the sentences the
+             pipeline gets as one list
   agreement  every configuration labels the AGREE first demo test sentences; the share whose
              label equals the run's own fp32 prediction, adapter apart (`tunelab.load(...,
              merge=False)`, in this process)
@@ -317,16 +318,22 @@ SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
 IN_PROCESS_TITLES = {"fp32": "tunelab.load(run, precision=\"fp32\") (torch)",
                      "bf16": "tunelab.load(run, precision=\"bf16\") (torch autocast)",
                      "bf16_unmerged": "tunelab.load(run, precision=\"bf16\", merge=False) "
-                                      "(the adapter kept apart, as the server keeps it)",
+                                      "(the adapter kept apart, as the server keeps "
+                                      "runs that share a base)",
                      "onnx": "tunelab.load(onnx export) (ONNX Runtime, fp32)",
                      "int8": "tunelab.load(int8 export) (ONNX Runtime, int8 weights)"}
+
+
+def served_title(key: str, r: dict) -> str:
+    folded = r.get("served", {}).get("adapter_folded")
+    return SERVED_TITLES[key] + (", adapter folded (alone on its base)" if folded else "")
 
 
 def markdown(result: dict) -> str:
     rows = []
     base = result["pipeline"]
     for title, r in [("transformers.pipeline (in-process, no HTTP)", base),
-                     *((SERVED_TITLES[key], r) for key, r in result["serve"].items())]:
+                     *((served_title(key, r), r) for key, r in result["serve"].items())]:
         short = r.get("single_short")  # results written before it was measured lack it
         rows.append([title, common.fmt(short["p50_ms"]) if short else "—",
                      common.fmt(r["single"]["p50_ms"]), common.fmt(r["single"]["p99_ms"]),
@@ -388,7 +395,8 @@ def in_process_markdown(result: dict) -> list[str]:
             "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
             "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
             "batches of 64, bf16 autocast where the CPU has it) against the pipeline; the "
-            "server keeps adapters apart from the base they share."]
+            "server keeps adapters apart from the base they share, and folds the adapter of a "
+            "run alone on its base in bf16 as `tunelab predict` merges it."]
 
 
 def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:

@@ -148,15 +148,31 @@ def test_adapter_runs_share_the_base_weights(pool, runs):
 
 
 def test_in_bf16_adapter_runs_share_the_base_layout_and_predict_as_loaded(runs):
-    """Served in bf16, adapter runs freeze their weights and lay the shared base out for the
-    matmul once for all of them (on CPUs where that path is); each predicts exactly as
+    """Served in bf16, a LoRA run alone on its base has its adapter folded (on CPUs with the
+    packed bf16 matmul) and predicts exactly as `tunelab.load(run, precision="bf16")`, merged;
+    once another run joins the base it is unfolded, and adapter runs freeze their weights and
+    lay the shared base out for the matmul once for all of them; each then predicts exactly as
     `tunelab.load(run, precision="bf16", merge=False)`."""
     from tunelab.train.frozen import _can_pack
 
     pool = ModelPool(precision="bf16")
+    lone = pool.add("lora", runs["lora"])
+    merged = tunelab.load(runs["lora"], precision="bf16")
+    described = lone.describe()
+    assert described["adapter_folded"] == _can_pack() == (lone.folded_bytes > 0)
+    assert described["private_mb"] * 2**20 >= lone.private_bytes + lone.folded_bytes - 2**10
+    if _can_pack():
+        assert torch.equal(lone.predictor.logits(TEXTS), merged.logits(TEXTS))
+    at_start = ModelPool(precision="bf16")  # `tunelab serve RUN...`: folds once all are in
+    at_start.add("lora", runs["lora"], settle=False)
+    assert at_start.models["lora"].folded_bytes == 0
+    at_start.settle()
+    assert (at_start.models["lora"].folded_bytes > 0) == _can_pack()
+    pool.add("freeze", runs["freeze"])
     for name in ("lora", "freeze"):
-        served = pool.add(name, runs[name])
+        served = pool.models[name]
         assert served.describe()["trainable_params"] > 0  # counted before freezing
+        assert not served.describe()["adapter_folded"] and served.folded_bytes == 0
         alone = tunelab.load(runs[name], precision="bf16", merge=False)
         assert torch.equal(served.predictor.logits(TEXTS), alone.logits(TEXTS)), name
     layouts = [{id(m.__dict__["_pack_cache"][1]) for m in pool.models[name].predictor.model

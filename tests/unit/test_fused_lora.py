@@ -161,3 +161,54 @@ def test_prediction_keeps_lora_apart_in_fused_layers(tiny_bert):
     assert not torch.allclose(flipped, got, atol=1e-3)
     assert (flipped - logits(peft_model, bf16=False)).abs().max() \
         <= 2 * (logits(peft_model) - logits(peft_model, bf16=False)).abs().max() + 1e-3
+
+
+def test_folded_layers_predict_as_the_merged_model(tiny_bert, monkeypatch):
+    """`fold_lora_layers` (`tunelab serve`, a run alone on its base): each frozen LoRA layer is
+    one packed matmul over `W + (B A) s`, predicting bit-identically to PEFT's merge on the same
+    bf16 path; an adapter written in place is folded again; gradients, a trained adapter and
+    copies take the unfolded path; unfolding restores it."""
+    import copy
+
+    from tunelab.predict import keep_weights_cast
+    from tunelab.train import frozen
+    from tunelab.train.fused_lora import fold_lora_layers, unfold_lora_layers
+
+    calls = []
+    unfolded_call = fused_lora.lora_linear
+    monkeypatch.setattr(fused_lora, "lora_linear", lambda *a: calls.append(1) or unfolded_call(*a))
+    merged = keep_weights_cast(lora_model(tiny_bert).merge_and_unload()).eval()
+    folded = keep_weights_cast(lora_model(tiny_bert)).eval()
+    apart = keep_weights_cast(lora_model(tiny_bert)).eval()
+    layers = [m for m in folded.modules() if type(m).__name__ == "FusedLinear"]
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(3))
+
+    def logits(model, grad=False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids).logits.float().detach()
+
+    nbytes = fold_lora_layers(folded)
+    if not frozen._can_pack():  # no packed bf16 matmul on this CPU: nothing is folded
+        assert nbytes == 0 and torch.equal(logits(folded), logits(apart))
+        return
+    assert nbytes == 2 * sum(m.base_layer.weight.numel() for m in layers) > 0
+    got = logits(folded)
+    assert not calls and torch.equal(got, logits(merged))
+    assert len(calls) == 0 and torch.equal(logits(folded, grad=True), logits(apart, grad=True))
+    assert torch.equal(logits(copy.deepcopy(folded)), logits(apart))  # a copy holds no fold
+    calls.clear()
+    layers[0].lora_A["default"].weight.requires_grad_(True)  # trained: computed unfolded
+    logits(folded)
+    assert len(calls) == 1
+    layers[0].lora_A["default"].weight.requires_grad_(False)
+    with torch.no_grad():
+        for name, p in folded.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1)
+    remerged = keep_weights_cast(copy.deepcopy(folded).merge_and_unload()).eval()
+    assert torch.equal(logits(folded), logits(remerged))
+    assert not torch.allclose(logits(folded), got, atol=1e-3)
+    assert unfold_lora_layers(folded) == len(layers) and unfold_lora_layers(folded) == 0
+    calls.clear()
+    logits(folded)
+    assert len(calls) == len(layers)

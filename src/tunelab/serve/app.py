@@ -449,10 +449,15 @@ def serve(specs: list[str], settings: ServeSettings) -> None:
 
     pool = ModelPool(settings.precision, settings.max_batch, settings.threads)
     for name, folder in parse_run_specs(specs):
-        served = pool.add(name, folder)
+        served = pool.add(name, folder, settle=False)
         how = f"{served.export} export, ONNX Runtime" if served.export else served.task
         print(f"loaded {name}: {served.method} on {served.base_model} from {folder}, "
               f"{how} ({served.private_bytes / 2**20:.2f} MB of its own)", flush=True)
+    pool.settle()
+    for served in pool.models.values():
+        if served.folded_bytes:
+            print(f"{served.name}: adapter folded into {served.folded_bytes / 2**20:.1f} MB of "
+                  "bf16 weights of its own (alone on its base)", flush=True)
     app = create_app(pool, settings)
     print(f"serving {', '.join(pool.names())} on http://{settings.host}:{settings.port} "
           f"(API spec: /openapi.json, docs: /docs)", flush=True)

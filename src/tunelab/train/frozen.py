@@ -112,6 +112,13 @@ class PackedWeight:
             return cast[0] if len(cast) == 1 else torch.cat(cast)
 
 
+def laid_out(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` cast to `dtype` and laid out for `linear_packed` (`x W^T`), keeping no plain
+    copy (a `PackedWeight` keeps the weights it was made from, to tell when they change)."""
+    with torch.no_grad():
+        return _reorder(weight.detach().to(dtype))
+
+
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), torch.inference_mode(False):  # usable by autograd later
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)

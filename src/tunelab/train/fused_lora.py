@@ -31,6 +31,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from tunelab.train import frozen
 from tunelab.train.frozen import (CachedCastLinear, autocast_dtype, cached_cast, grouped_output,
                                   linear_packed, packed_weights)
 
@@ -85,6 +86,10 @@ class _Fused:
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         dtype = autocast_dtype(x)
+        folded = self.__dict__.get("_folded")
+        if folded is not None and dtype == torch.bfloat16 and not torch.is_grad_enabled() \
+                and (out := folded.output(self, name, x)) is not None:
+            return out
         if self._one_function(name, x.dtype if dtype is None else None):
             return self._lora_linear(x, name, dtype)
         if dtype is not None:  # cast once for both matmuls: autocast would cast x for each
@@ -142,6 +147,82 @@ class _Fused:
         name = adapters[0]
         return (name in self.lora_A and name not in getattr(self, "lora_variant", {})
                 and self.lora_B[name].bias is None)  # lora_bias: PEFT scales the bias too
+
+
+class FoldedLora:
+    """A frozen LoRA layer's `W + (B A) s` for prediction in bf16 on CPU: computed as PEFT
+    merges it, cast and laid out for oneDNN once, so that the layer is one matmul, as in a
+    merged model, while the module keeps PEFT's form and its frozen `W` (which `tunelab serve`
+    shares between runs) untouched. It holds the merged weight's size in bf16; `tunelab serve`
+    folds a run's adapter while the run is alone on its base (`serve.pool`). Made again when a
+    tensor it was made from is written or another adapter is active; a trained tensor (its
+    in-place updates may not bump the version) or another dtype takes the unfolded path."""
+
+    def __init__(self, layer: nn.Module, name: str):
+        base = layer.base_layer
+        # made again inside a forward: not under its autocast (B A would be a bf16 matmul)
+        with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
+            weight = base.weight + layer.get_delta_weight(name).to(base.weight.dtype)
+        self.key = _fold_key(layer, name)
+        self.matrix = frozen.laid_out(weight, torch.bfloat16)
+        self.bias = None if base.bias is None else base.bias.detach().to(torch.bfloat16)
+        self.nbytes = 2 * weight.numel()
+
+    def output(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output for `x` under bf16 autocast, or None where the fold does not
+        apply now (a tensor trained)."""
+        key = _fold_key(layer, name)
+        if key is None or x.device.type != "cpu":
+            return None
+        if key != self.key:
+            self.__init__(layer, name)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = linear_packed(x2, self.matrix, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    # as `frozen.PackedWeight`: a copied or saved module holds None and computes unfolded
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def _fold_key(layer: nn.Module, name: str) -> tuple | None:
+    """What a fold was made from: the adapter, its scaling and every tensor's memory and
+    version; None when one of them is trained."""
+    base = layer.base_layer
+    tensors = [base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight]
+    if any(t is not None and t.requires_grad for t in tensors):
+        return None
+    return name, layer.scaling[name], *((None, None) if t is None else (t.data_ptr(), t._version)
+                                        for t in tensors)
+
+
+def fold_lora_layers(model: nn.Module) -> int:
+    """Give every fused LoRA layer of `model` that computes one plain frozen adapter
+    (`_one_function`) its `FoldedLora`, where the packed bf16 path is there (CPU); the bytes
+    the folds hold. Idempotent."""
+    total = 0
+    if not frozen.PACK_WEIGHTS or not frozen._can_pack():
+        return total
+    for module in model.modules():
+        if type(module) is not fused_class() or not module._plain():
+            continue
+        name = module.active_adapters[0]
+        if module.base_layer.weight.device.type != "cpu" or not module._one_function(name, None) \
+                or _fold_key(module, name) is None:
+            continue
+        folded = module.__dict__.get("_folded")
+        if folded is None:
+            folded = module.__dict__["_folded"] = FoldedLora(module, name)
+        total += folded.nbytes
+    return total
+
+
+def unfold_lora_layers(model: nn.Module) -> int:
+    """Drop the folds `fold_lora_layers` gave; how many were dropped."""
+    return sum(module.__dict__.pop("_folded", None) is not None for module in model.modules())
 
 
 @cache
