@@ -8,4 +8,5 @@
     pool.py        the served runs (and onnx/int8 exports) by name; classification adapter
                    runs on one base share it
     batcher.py     greedy micro-batching in a worker thread (a lone request never waits)
+    threads.py     the rest of the torch work on threads that end with it (OpenMP's pools)
 """

@@ -27,7 +27,6 @@ and, if it batches, a runner. Errors are JSON `{"error": {"type", "message"}}`.
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 import time
@@ -51,6 +50,7 @@ from tunelab.serve.api import ERRORS, ApiError, check_texts, overloaded, resolve
 from tunelab.serve.batcher import Batcher, QueueFull
 from tunelab.serve.generation import GenerationLane, generation_routes
 from tunelab.serve.pool import ModelPool
+from tunelab.serve.threads import awaited_in_own_thread, in_own_thread
 
 
 @dataclass
@@ -286,10 +286,10 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
         if body.label is not None and body.label not in labels:
             raise ApiError(422, "invalid_request", f"label {body.label!r} is not a label of "
                            f"{served.name}: " + ", ".join(labels))
-        try:  # many gradient passes: in a worker thread beside the batcher, not through it
-            found = await asyncio.to_thread(explain, served.predictor, body.texts,
-                                            body.text_pairs, label=body.label,
-                                            method=body.method, steps=body.steps)
+        try:  # many gradient passes: on a thread beside the batcher, not through it
+            found = await awaited_in_own_thread(
+                lambda: explain(served.predictor, body.texts, body.text_pairs,
+                                label=body.label, method=body.method, steps=body.steps))
         except Exception as e:
             raise ApiError(500, "inference", f"{type(e).__name__}: {e}") from None
         return {"model": served.name, "method": body.method, "explanations": [
@@ -312,7 +312,7 @@ def create_app(pool: ModelPool, settings: ServeSettings) -> FastAPI:
         if body.name in pool.models:
             raise ApiError(409, "conflict", f"a model named {body.name!r} is already served")
         try:  # loading runs torch: keep it off the event loop
-            served = await asyncio.to_thread(pool.add, body.name, Path(body.run_dir))
+            served = await awaited_in_own_thread(pool.add, body.name, Path(body.run_dir))
         except TunelabError as e:
             raise ApiError(422, "invalid_run", str(e)) from None
         request.state.model = served.name
@@ -448,12 +448,16 @@ def serve(specs: list[str], settings: ServeSettings) -> None:
     import uvicorn
 
     pool = ModelPool(settings.precision, settings.max_batch, settings.threads)
-    for name, folder in parse_run_specs(specs):
-        served = pool.add(name, folder, settle=False)
-        how = f"{served.export} export, ONNX Runtime" if served.export else served.task
-        print(f"loaded {name}: {served.method} on {served.base_model} from {folder}, "
-              f"{how} ({served.private_bytes / 2**20:.2f} MB of its own)", flush=True)
-    pool.settle()
+
+    def load():  # not on the main thread, which lives on (serve.threads)
+        for name, folder in parse_run_specs(specs):
+            served = pool.add(name, folder, settle=False)
+            how = f"{served.export} export, ONNX Runtime" if served.export else served.task
+            print(f"loaded {name}: {served.method} on {served.base_model} from {folder}, "
+                  f"{how} ({served.private_bytes / 2**20:.2f} MB of its own)", flush=True)
+        pool.settle()
+
+    in_own_thread(load)
     for served in pool.models.values():
         if served.folded_bytes:
             print(f"{served.name}: adapter folded into {served.folded_bytes / 2**20:.1f} MB of "

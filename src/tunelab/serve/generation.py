@@ -266,7 +266,9 @@ class GenerationLane:
     """Generation requests, one at a time, in one worker thread. One at a time because on a
     CPU two generations only share the same cores, and because torch's random state is
     process-wide: a `seed` reproduces a sample only when no other generation draws in between.
-    At most `size` requests are held (waiting or running); `submit` refuses one more."""
+    At most `size` requests are held (waiting or running); `submit` refuses one more. The
+    thread ends when the lane falls idle (the next request starts another): while it lives,
+    torch's OpenMP pool for it slows the batcher's (`serve.threads`)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -291,6 +293,11 @@ class GenerationLane:
 
     def _release(self) -> None:
         self.held -= 1
+        if self.held == 0 and self._gate.is_set():
+            # idle: let the thread go, and the OpenMP pool torch made for it (serve.threads)
+            idle, self._executor = self._executor, ThreadPoolExecutor(
+                1, thread_name_prefix="tunelab-generate")
+            idle.shutdown(wait=False)
 
     def pause(self) -> None:
         """Hold back every job submitted from now on until resume() (tests fill the lane)."""
