@@ -6,7 +6,9 @@ for one epoch, about two minutes):
   pipeline   the run exported as a merged Transformers folder, called in-process (no HTTP):
              one sentence per call, then the sentences in lists with batch_size=BATCH
   serve      `tunelab serve` in its own process over HTTP from this process: the run in fp32
-             and in bf16 (torch), and its onnx and int8 exports (ONNX Runtime, exported here);
+             and in bf16 (torch; in bf16 alone, its adapter folded, and beside a copy of itself
+             on the same base, kept apart), and its onnx and int8 exports (ONNX Runtime,
+             exported here);
              one sentence per request, sequentially (p50/p99 latency), then CLIENTS concurrent
              clients sending BATCH sentences per request (sentences/s)
   in process `tunelab.load(...).predict(list)` for the run (fp32, bf16; the adapter folded
@@ -67,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     parser.add_argument("--adapters", type=int, default=10,
                         help="adapters served at once for the memory figure (default 10)")
-    parser.add_argument("--precisions", default="fp32,bf16", help="server precisions to measure")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16_shared",
+                        help="server precisions to measure (bf16_shared: bf16 beside another "
+                             "run on the same base)")
     parser.add_argument("--exports", default="onnx,int8",
                         help="export kinds to serve and measure ('' = none)")
     parser.add_argument("--agree", type=int, default=0,
@@ -229,8 +233,13 @@ class Server:
 
 def bench_server(folder: Path, precision: str, texts: list[str], args,
                  reference: list[str]) -> dict:
-    """`folder`: the run (served in `precision`) or an onnx/int8 export of it."""
-    server = Server([f"run={folder}"], precision, args.max_wait_ms, args.threads)
+    """`folder`: the run (served in `precision`) or an onnx/int8 export of it. `bf16_shared`:
+    the run in bf16 beside a copy of itself on the same base, so that its adapter is kept
+    apart (a lone run's is folded)."""
+    specs = [f"run={folder}"]
+    if precision == "bf16_shared":
+        precision, specs = "bf16", specs + [f"twin={folder}"]
+    server = Server(specs, precision, args.max_wait_ms, args.threads)
     try:
         for i in range(10):
             server.classify("run", texts[i:i + args.batch])  # warm up
@@ -313,6 +322,8 @@ def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
 
 SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
                  "bf16": "tunelab serve, run in bf16 (torch autocast)",
+                 "bf16_shared": "tunelab serve, run in bf16 beside another run on its base "
+                                "(adapters kept apart)",
                  "onnx": "tunelab serve, onnx export (ONNX Runtime, fp32)",
                  "int8": "tunelab serve, int8 export (ONNX Runtime, int8 weights)"}
 IN_PROCESS_TITLES = {"fp32": "tunelab.load(run, precision=\"fp32\") (torch)",
