@@ -164,10 +164,11 @@ def test_prediction_keeps_lora_apart_in_fused_layers(tiny_bert):
 
 
 def test_folded_layers_predict_as_the_merged_model(tiny_bert, monkeypatch):
-    """`fold_lora_layers` (`tunelab serve`, a run alone on its base): each frozen LoRA layer is
+    """Prediction plans (`LoraPlan`): kept apart, bit-identical to the general path; folded
+    (`fold_lora_layers`: `tunelab serve`, a run alone on its base), each frozen LoRA layer is
     one packed matmul over `W + (B A) s`, predicting bit-identically to PEFT's merge on the same
     bf16 path; an adapter written in place is folded again; gradients, a trained adapter and
-    copies take the unfolded path; unfolding restores it."""
+    copies take the general path; unfolding restores the plan kept apart."""
     import copy
 
     from tunelab.predict import keep_weights_cast
@@ -187,9 +188,17 @@ def test_folded_layers_predict_as_the_merged_model(tiny_bert, monkeypatch):
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
             return model(input_ids=ids).logits.float().detach()
 
+    general = keep_weights_cast(lora_model(tiny_bert)).eval()
+    for module in general.modules():  # the path every call took before `LoraPlan`
+        module.__dict__.pop("_plan", None)
+    kept_apart = logits(apart)
+    assert torch.equal(kept_apart, logits(general))
+    plans = [m.__dict__.get("_plan") for m in apart.modules() if type(m) is type(layers[0])]
+    assert all(p is not None and p.packed is not None for p in plans) == frozen._can_pack()
+    calls.clear()
     nbytes = fold_lora_layers(folded)
     if not frozen._can_pack():  # no packed bf16 matmul on this CPU: nothing is folded
-        assert nbytes == 0 and torch.equal(logits(folded), logits(apart))
+        assert nbytes == 0 and torch.equal(logits(folded), kept_apart)
         return
     assert nbytes == 2 * sum(m.base_layer.weight.numel() for m in layers) > 0
     got = logits(folded)

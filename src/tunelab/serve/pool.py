@@ -18,7 +18,7 @@ tokenizer too. Classification runs that saved a whole model (`full`) are loaded 
 Every classification run is served through a `Predictor`, the engine behind `tunelab predict`.
 
 In bf16 on CPU a LoRA run alone on its base has its adapter folded into bf16 weights of its own
-(`fused_lora.FoldedLora`: `W + (B A) s`, as `tunelab predict` merges it), so that each layer is
+(`fused_lora.LoraPlan`: `W + (B A) s`, as `tunelab predict` merges it), so that each layer is
 one matmul, as in a merged model: with nothing to share, that costs no more memory than the
 base's shared layout would, and a MiniLM run answered one sentence in 7.4-7.7 ms in process
 where the adapter kept apart took 12.9-13.8. A second run joining the base unfolds it: from

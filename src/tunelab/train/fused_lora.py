@@ -82,14 +82,14 @@ class _Fused:
     """Put before PEFT's `lora.Linear` in the class `fused_class` makes."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self.__dict__.get("_plan")  # prediction: `LoraPlan`
+        if plan is not None and not args and not kwargs and not torch.is_grad_enabled() \
+                and (out := plan.output(self, x)) is not None:
+            return out
         if args or kwargs or not self._plain():
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         dtype = autocast_dtype(x)
-        folded = self.__dict__.get("_folded")
-        if folded is not None and dtype == torch.bfloat16 and not torch.is_grad_enabled() \
-                and (out := folded.output(self, name, x)) is not None:
-            return out
         if self._one_function(name, x.dtype if dtype is None else None):
             return self._lora_linear(x, name, dtype)
         if dtype is not None:  # cast once for both matmuls: autocast would cast x for each
@@ -149,38 +149,62 @@ class _Fused:
                 and self.lora_B[name].bias is None)  # lora_bias: PEFT scales the bias too
 
 
-class FoldedLora:
-    """A frozen LoRA layer's `W + (B A) s` for prediction in bf16 on CPU: computed as PEFT
-    merges it, cast and laid out for oneDNN once, so that the layer is one matmul, as in a
-    merged model, while the module keeps PEFT's form and its frozen `W` (which `tunelab serve`
-    shares between runs) untouched. It holds the merged weight's size in bf16; `tunelab serve`
-    folds a run's adapter while the run is alone on its base (`serve.pool`). Made again when a
-    tensor it was made from is written or another adapter is active; a trained tensor (its
-    in-place updates may not bump the version) or another dtype takes the unfolded path."""
+class LoraPlan:
+    """A frozen plain LoRA layer's prediction (grad off, bf16 autocast, CPU) with everything
+    prepared once: the frozen base laid out for oneDNN (`frozen.packed_weights`, shared with
+    every model over the same weights) and A and B cast to bf16, called without the checks and
+    casts of the general path (~70 us a layer in Python: a third of a short sentence kept
+    apart); or, folded (`fold`), `W + (B A) s` computed as PEFT merges it, cast and laid out
+    once, so that the layer is one matmul as in a merged model while the module keeps PEFT's
+    form and its frozen `W` (which `tunelab serve` shares between runs) untouched: it then
+    holds the merged weight's size in bf16 (`nbytes`). Made again when a tensor it was made
+    from is written or another adapter is active; a trained tensor (its in-place updates may
+    not bump the version), disabled or merged adapters, or another dtype or device take the
+    general path."""
 
-    def __init__(self, layer: nn.Module, name: str):
-        base = layer.base_layer
-        # made again inside a forward: not under its autocast (B A would be a bf16 matmul)
-        with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
-            weight = base.weight + layer.get_delta_weight(name).to(base.weight.dtype)
-        self.key = _fold_key(layer, name)
-        self.matrix = frozen.laid_out(weight, torch.bfloat16)
+    def __init__(self, layer: nn.Module, fold: bool):
+        self.fold, self.key = fold, None
+        self._make(layer, _plan_key(layer))
+
+    def _make(self, layer: nn.Module, key: tuple) -> None:
+        base, name = layer.base_layer, key[0]
+        self.key, self.scaling = key, layer.scaling[name]
         self.bias = None if base.bias is None else base.bias.detach().to(torch.bfloat16)
-        self.nbytes = 2 * weight.numel()
+        if self.fold:
+            # made again inside a forward: not under its autocast (B A would be a bf16 matmul)
+            with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
+                weight = base.weight + layer.get_delta_weight(name).to(base.weight.dtype)
+            self.matrix = frozen.laid_out(weight, torch.bfloat16)
+            self.packed = self.a = self.b = None
+        else:  # the base's layout is taken at the first call: a run folded next makes none
+            self.matrix = self.packed = None
+            self.a = cached_cast(layer.lora_A[name], layer.lora_A[name].weight, torch.bfloat16)
+            self.b = cached_cast(layer.lora_B[name], layer.lora_B[name].weight, torch.bfloat16)
 
-    def output(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output for `x` under bf16 autocast, or None where the fold does not
-        apply now (a tensor trained)."""
-        key = _fold_key(layer, name)
-        if key is None or x.device.type != "cpu":
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.matrix is None else 2 * self.matrix.shape[0] * self.matrix.shape[1]
+
+    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output for `x`, or None where the plan does not apply now."""
+        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16:
+            return None
+        key = _plan_key(layer)
+        if key is None:
             return None
         if key != self.key:
-            self.__init__(layer, name)
+            self._make(layer, key)
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = linear_packed(x2, self.matrix, self.bias)
+        if self.matrix is not None:
+            out = linear_packed(x2, self.matrix, self.bias)
+        else:
+            if self.packed is None:
+                self.packed = packed_weights(layer.base_layer, layer.base_layer.weight,
+                                             torch.bfloat16)
+            out = lora_linear(x2, None, self.bias, self.a, self.b, self.scaling, self.packed)[0]
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    # as `frozen.PackedWeight`: a copied or saved module holds None and computes unfolded
+    # as `frozen.PackedWeight`: a copied or saved module holds None and takes the general path
     def __deepcopy__(self, memo):
         return None
 
@@ -188,9 +212,13 @@ class FoldedLora:
         return type(None), ()
 
 
-def _fold_key(layer: nn.Module, name: str) -> tuple | None:
-    """What a fold was made from: the adapter, its scaling and every tensor's memory and
-    version; None when one of them is trained."""
+def _plan_key(layer: nn.Module) -> tuple | None:
+    """What a plan was made from: the one active adapter, its scaling and every tensor's memory
+    and version; None when adapters are disabled or merged, several are active or a tensor is
+    trained."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
     base = layer.base_layer
     tensors = [base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight]
     if any(t is not None and t.requires_grad for t in tensors):
@@ -199,30 +227,35 @@ def _fold_key(layer: nn.Module, name: str) -> tuple | None:
                                         for t in tensors)
 
 
-def fold_lora_layers(model: nn.Module) -> int:
-    """Give every fused LoRA layer of `model` that computes one plain frozen adapter
-    (`_one_function`) its `FoldedLora`, where the packed bf16 path is there (CPU); the bytes
-    the folds hold. Idempotent."""
+def plan_lora_layers(model: nn.Module, fold: bool = False) -> int:
+    """Give every fused LoRA layer of `model` that computes one plain frozen adapter in one
+    function (`_one_function`) its `LoraPlan`, where the packed bf16 path is there (CPU);
+    `fold`: folded (or back to kept apart, `fold=False`). Returns the bytes the folds hold."""
     total = 0
     if not frozen.PACK_WEIGHTS or not frozen._can_pack():
         return total
     for module in model.modules():
-        if type(module) is not fused_class() or not module._plain():
+        if type(module) is not fused_class() or not module._plain() \
+                or module.base_layer.weight.device.type != "cpu" or _plan_key(module) is None \
+                or not module._one_function(module.active_adapters[0], None):
             continue
-        name = module.active_adapters[0]
-        if module.base_layer.weight.device.type != "cpu" or not module._one_function(name, None) \
-                or _fold_key(module, name) is None:
-            continue
-        folded = module.__dict__.get("_folded")
-        if folded is None:
-            folded = module.__dict__["_folded"] = FoldedLora(module, name)
-        total += folded.nbytes
+        plan = module.__dict__.get("_plan")
+        if plan is None or plan.fold != fold:
+            plan = module.__dict__["_plan"] = LoraPlan(module, fold)
+        total += plan.nbytes
     return total
 
 
+def fold_lora_layers(model: nn.Module) -> int:
+    """`plan_lora_layers(model, fold=True)`: the bytes the folds hold."""
+    return plan_lora_layers(model, fold=True)
+
+
 def unfold_lora_layers(model: nn.Module) -> int:
-    """Drop the folds `fold_lora_layers` gave; how many were dropped."""
-    return sum(module.__dict__.pop("_folded", None) is not None for module in model.modules())
+    """Back to the adapters kept apart; how many layers were folded."""
+    folded = sum(getattr(m.__dict__.get("_plan"), "fold", False) for m in model.modules())
+    plan_lora_layers(model, fold=False)
+    return folded
 
 
 @cache
