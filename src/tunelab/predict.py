@@ -16,7 +16,7 @@ from tunelab.methods import registry
 from tunelab.tasks import classification as cls_task
 from tunelab.tasks import get_task
 from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
-from tunelab.train.frozen import cache_frozen_casts
+from tunelab.train.frozen import cache_frozen_casts, plan_frozen_linears
 from tunelab.train.fused_lora import fuse_lora_layers, plan_lora_layers
 
 
@@ -189,5 +189,6 @@ def keep_weights_cast(model):
     model.requires_grad_(False)
     cache_frozen_casts(model)
     fuse_lora_layers(model)
+    plan_frozen_linears(model)
     plan_lora_layers(model)
     return model

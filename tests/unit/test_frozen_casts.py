@@ -146,3 +146,35 @@ def test_a_module_that_ran_can_be_copied_and_saved():
         buffer.seek(0)
         for other in (copy.deepcopy(net), torch.load(buffer, weights_only=False)):
             assert torch.equal(other(x), want)
+
+
+def test_a_prediction_plan_is_bit_identical_and_taken_again_on_change():
+    """`LinearPlan` (prediction): the general path's output, bit for bit; a written weight or
+    bias is taken again; gradients, a trained weight and copies take the general path."""
+    net = frozen_net().requires_grad_(False)
+    cache_frozen_casts(net)
+    planned = frozen.plan_frozen_linears(net)
+    assert planned == (2 if PACKS else 0)
+    general = copy.deepcopy(net)  # a copy holds no plan
+    assert all(m.__dict__.get("_plan") is None for m in general.modules())
+    x = torch.randn(2, 5, 16)
+
+    def out(model):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return model(x)
+
+    assert torch.equal(out(net), out(general))
+    if not PACKS:
+        return
+    plan = net[0].__dict__["_plan"]
+    assert plan.key is not None and plan.packed is net[0].__dict__["_pack_cache"][1]
+    with torch.no_grad():
+        for model in (net, general):
+            model[0].weight.mul_(-1)
+            model[2].bias.add_(1.0)
+    assert torch.equal(out(net), out(general))
+    for model in (net, general):  # trained: written without a version bump (as optimizers
+        model[0].weight.requires_grad_(True)  # may): the general path, never a stale plan
+        model[0].weight.data.mul_(2)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(net(x), general(x))
