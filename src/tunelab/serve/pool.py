@@ -20,9 +20,9 @@ Every classification run is served through a `Predictor`, the engine behind `tun
 In bf16 on CPU a LoRA run alone on its base has its adapter folded into bf16 weights of its own
 (`fused_lora.LoraPlan`: `W + (B A) s`, as `tunelab predict` merges it), so that each layer is
 one matmul, as in a merged model: with nothing to share, that costs no more memory than the
-base's shared layout would, and a MiniLM run answered one sentence in 7.4-7.7 ms in process
-where the adapter kept apart took 12.9-13.8. A second run joining the base unfolds it: from
-then on both compute over the shared layout.
+base's shared layout would, and a MiniLM run answered one short sentence in 6.4-7.0 ms in
+process where its adapter kept apart took 9.6-9.8. A second run joining the base unfolds it:
+from then on both compute over the shared layout.
 
 An onnx or int8 export folder (`tunelab export --to onnx|int8`) is served through ONNX
 Runtime (`tunelab.exported.OnnxPredictor`, the engine behind `tunelab predict EXPORT_DIR`):
@@ -191,11 +191,12 @@ class ModelPool:
             return
         on_base = [s for s in self.models.values() if s.shared_base == path]
         for served in on_base:
-            model = served.predictor.model
-            if len(on_base) == 1 and served.predictor.bf16:
-                served.folded_bytes = fold_lora_layers(model)
+            if not served.predictor.bf16:  # the plans are bf16's
+                continue
+            if len(on_base) == 1:
+                served.folded_bytes = fold_lora_layers(served.predictor.model)
             else:  # a forward running meanwhile computes each layer one way or the other
-                unfold_lora_layers(model)
+                unfold_lora_layers(served.predictor.model)
                 served.folded_bytes = 0
 
     def _load(self, name: str, run_dir: Path) -> Served:

@@ -153,7 +153,7 @@ class LoraPlan:
     """A frozen plain LoRA layer's prediction (grad off, bf16 autocast, CPU) with everything
     prepared once: the frozen base laid out for oneDNN (`frozen.packed_weights`, shared with
     every model over the same weights) and A and B cast to bf16, called without the checks and
-    casts of the general path (~70 us a layer in Python: a third of a short sentence kept
+    casts of the general path (~70 us a layer in Python: a fifth of a short sentence kept
     apart); or, folded (`fold`), `W + (B A) s` computed as PEFT merges it, cast and laid out
     once, so that the layer is one matmul as in a merged model while the module keeps PEFT's
     form and its frozen `W` (which `tunelab serve` shares between runs) untouched: it then
