@@ -207,9 +207,10 @@ class CachedCastLinear(nn.Linear):
 
 class LinearPlan:
     """A frozen layer's prediction (grad off, bf16 autocast, CPU): its packed weight and bf16
-    bias taken once, then called without the general path's checks and casts (~30 us a call in
-    Python, a fifth of a short sentence through a merged MiniLM). Taken again when the weight
-    or bias is written; a trained one, or another dtype or device, takes the general path."""
+    bias taken once, then called without the general path's checks and casts (a linear 65.7 ->
+    51-56 us at 12 tokens; a short sentence through a merged MiniLM 5.44-6.05 -> 5.28-5.63 ms).
+    Taken again when the weight or bias is written; a trained one, or another dtype or device,
+    takes the general path."""
 
     def __init__(self):
         self.key, self.packed, self.bias = None, None, None
