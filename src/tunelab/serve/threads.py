@@ -14,53 +14,33 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
+
+
+def _start(fn, args) -> tuple[Future, threading.Thread]:
+    """fn(*args) on a new thread that ends when it returns; its future and the thread."""
+    future: Future = Future()
+
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller, raised there
+                future.set_exception(e)
+
+    thread = threading.Thread(target=run, name="tunelab-torch-once", daemon=True)
+    thread.start()
+    return future, thread
 
 
 def in_own_thread(fn, *args):
     """fn(*args) on a new thread that ends when it returns; its result, or its exception."""
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["result"] = fn(*args)
-        except BaseException as e:  # handed to the caller, re-raised there
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, name="tunelab-torch-once", daemon=True)
-    thread.start()
+    future, thread = _start(fn, args)
     thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return future.result()
 
 
 async def awaited_in_own_thread(fn, *args):
     """`in_own_thread` for the event loop: awaits fn(*args) on a new thread that ends with it.
     A cancelled caller stops waiting; the thread still finishes its call."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result=None, error: BaseException | None = None):
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run():
-        try:
-            result = fn(*args)
-        except BaseException as e:
-            deliver(settle, None, e)
-        else:
-            deliver(settle, result, None)
-
-    def deliver(*call):
-        try:
-            loop.call_soon_threadsafe(*call)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
-
-    threading.Thread(target=run, name="tunelab-torch-once", daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(_start(fn, args)[0])

@@ -77,7 +77,18 @@ as a layer holds it, and it holds its weight, so the address in its key is not r
 meanwhile."""
 
 
-class PackedWeight:
+class Uncopied:
+    """Holds oneDNN layouts, which have no storage to copy or pickle: a copied or saved module
+    holds None in its place and makes it again when next called (or takes the general path)."""
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+class PackedWeight(Uncopied):
     """A weight laid out for oneDNN as `W`, for `x W^T` (`matrix`), and, from the first
     backward pass on (prediction never asks), as `W^T`, for the input gradient `g W`. Given
     several weights with the same input size, `W` is them stacked by rows (one matmul computes
@@ -92,14 +103,6 @@ class PackedWeight:
     def current(self) -> bool:
         """Whether the weights it was made from are unchanged (no in-place write since)."""
         return tuple(w._version for w in self.weights) == self.versions
-
-    # oneDNN's layouts have no storage to copy or pickle: a copied or saved module holds None
-    # in their place and lays its weights out again when next called
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return type(None), ()
 
     def transposed(self) -> torch.Tensor:
         if self._transposed is None:
@@ -205,7 +208,7 @@ class CachedCastLinear(nn.Linear):
         return F.linear(x, cached_cast(self, self.weight, dtype), self.bias)
 
 
-class LinearPlan:
+class LinearPlan(Uncopied):
     """A frozen layer's prediction (grad off, bf16 autocast, CPU): its packed weight and bf16
     bias taken once, then called without the general path's checks and casts (a linear 65.7 ->
     51-56 us at 12 tokens; a short sentence through a merged MiniLM 5.44-6.05 -> 5.28-5.63 ms).
@@ -232,13 +235,6 @@ class LinearPlan:
         out = linear_packed(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed.matrix,
                             self.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
-
-    # as `PackedWeight`: a copied or saved module holds None and takes the general path
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return type(None), ()
 
 
 def plan_frozen_linears(model: nn.Module) -> int:

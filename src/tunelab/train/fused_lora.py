@@ -149,7 +149,7 @@ class _Fused:
                 and self.lora_B[name].bias is None)  # lora_bias: PEFT scales the bias too
 
 
-class LoraPlan:
+class LoraPlan(frozen.Uncopied):
     """A frozen plain LoRA layer's prediction (grad off, bf16 autocast, CPU) with everything
     prepared once: the frozen base laid out for oneDNN (`frozen.packed_weights`, shared with
     every model over the same weights) and A and B cast to bf16, called without the checks and
@@ -203,13 +203,6 @@ class LoraPlan:
                                              torch.bfloat16)
             out = lora_linear(x2, None, self.bias, self.a, self.b, self.scaling, self.packed)[0]
         return out.view(*x.shape[:-1], out.shape[-1])
-
-    # as `frozen.PackedWeight`: a copied or saved module holds None and takes the general path
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return type(None), ()
 
 
 def _plan_key(layer: nn.Module) -> tuple | None:
