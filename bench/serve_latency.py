@@ -169,18 +169,21 @@ def bench_pipeline(run_dir: Path, texts: list[str], args, workdir: Path,
 def bench_in_process(target: Path, texts: list[str], args, reference: list[str],
                      **load_kwargs) -> dict:
     """`tunelab.load(...).predict(list)` in this process (what `tunelab predict` runs), on the
-    sentences the pipeline got as one list."""
+    sentences the pipeline got as one list; and one sentence per call, as the pipeline's
+    single-sentence latency is measured."""
     import tunelab
 
     predictor = tunelab.load(target, **load_kwargs)
     predictor.predict(texts[:8])  # warm up
+    latencies = single_latencies(lambda text: predictor.predict([text]), texts, args.single)
     n = args.batched * args.clients * args.batch
     batch = [texts[i % len(texts)] for i in range(n)]
     t = time.perf_counter()
     predictor.predict(batch)
     wall = time.perf_counter() - t
     labels = [p["label"] for p in predictor.predict(texts[:len(reference)])]
-    return {"throughput": n / wall, "sentences": n, "agreement": agreement(labels, reference)}
+    return {**latencies, "throughput": n / wall, "sentences": n,
+            "agreement": agreement(labels, reference)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,15 +397,23 @@ def in_process_markdown(result: dict) -> list[str]:
     if not found:
         return []
     base = result["pipeline"]["throughput"]
-    rows = [[IN_PROCESS_TITLES[key], common.fmt(r["throughput"], 0),
+
+    def single(r: dict) -> list[str]:  # results written before these were measured lack them
+        return [common.fmt(r[key]["p50_ms"] if key in r else None, 1)
+                for key in ("single_short", "single")]
+
+    rows = [[IN_PROCESS_TITLES[key], *single(r), common.fmt(r["throughput"], 0),
              f"{r['throughput'] / base:.2f}x", f"{r['agreement']:.2%}"]
             for key, r in found.items()]
-    rows.insert(0, ["transformers.pipeline (batch_size "
-                    f"{result['args']['batch']})", common.fmt(base, 0), "1.00x",
+    rows.insert(0, [f"transformers.pipeline (batch_size {result['args']['batch']})",
+                    *single(result["pipeline"]), common.fmt(base, 0), "1.00x",
                     f"{result['pipeline']['agreement']:.2%}"])
-    return [common.markdown_table(["prediction in one process, no HTTP", "sentences/s",
-                                   "vs pipeline", "agreement with the fp32 run"], rows),
-            f"The same {found[next(iter(found))]['sentences']:,} sentences as one list: "
+    return [common.markdown_table(["prediction in one process, no HTTP",
+                                   f"1 short sentence p50 (ms, ≤ {SHORT_WORDS} words)",
+                                   "1 sentence p50 (ms)", "sentences/s", "vs pipeline",
+                                   "agreement with the fp32 run"], rows),
+            "One sentence per call as for the server, in this process; then "
+            f"the same {found[next(iter(found))]['sentences']:,} sentences as one list: "
             "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
             "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
             "batches of 64, bf16 autocast where the CPU has it) against the pipeline; the "
