@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from tunelab.train import frozen
 from tunelab.train.frozen import CachedCastLinear, PackedWeight, autocast_dtype, linear_packed
+from tunelab.train.fused_lora import _plan_key
 
 FAMILIES = (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRoberta"),
             ("electra", "Electra"))
@@ -83,7 +84,10 @@ class EncoderLayerPlan(frozen.Uncopied):
         attention = layer.attention
         self.parts = (attention, attention.self, attention.output, layer.intermediate,
                       layer.output)
-        self.members = [m for part in self.parts for m in part.modules()]
+        # what the plan computes without calling it: the parts and their own children (a
+        # linear's route may be its module, whose call then runs the module's hooks)
+        self.members = list({id(m): m for part in self.parts
+                             for m in (part, *part._modules.values())}.values())
         self.key, self.routes, self.act = None, None, None
 
     def output(self, layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor | None:
@@ -103,7 +107,10 @@ class EncoderLayerPlan(frozen.Uncopied):
         lead, heads, size = x.shape[:-1], attn.num_attention_heads, attn.attention_head_size
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(qkv, tuple):
+            if all(type(r) is _Packed for r in qkv):
+                x2 = x2.to(torch.bfloat16)  # cast once for the three
             q, k, v = (_apply(r, x2, lead).view(*lead, heads, size).transpose(1, 2) for r in qkv)
+            x2 = x.reshape(-1, x.shape[-1])
         else:
             q, k, v = _apply(qkv, x2, lead).view(*lead, 3, heads, size) \
                 .permute(2, 0, 3, 1, 4).unbind(0)
@@ -116,9 +123,13 @@ class EncoderLayerPlan(frozen.Uncopied):
 
 
 def _linear_key(module: nn.Module) -> tuple:
-    """What `_routes` made a linear's route from: the module, and for a frozen plain linear its
-    tensors' memory, version and whether they train."""
+    """What `_routes` made a linear's route from: the module; for a frozen plain linear its
+    tensors' memory, version and whether they train; for a LoRA layer folded
+    (`fused_lora.LoraPlan`), its plan and what the plan is made from."""
     if type(module) is not CachedCastLinear:
+        plan = module.__dict__.get("_plan")
+        if getattr(plan, "fold", False):
+            return module, plan, _plan_key(module)
         return (module,)
     params = module._parameters
     w, b = params["weight"], params["bias"]
@@ -127,9 +138,10 @@ def _linear_key(module: nn.Module) -> tuple:
 
 
 class _Packed:
-    """A frozen plain linear's route: its weight laid out for oneDNN, its bias in bf16."""
+    """A frozen linear's route: its weight laid out for oneDNN (a `PackedWeight`'s or a folded
+    `LoraPlan`'s), its bias in bf16."""
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None):
+    def __init__(self, packed, bias: torch.Tensor | None):
         self.matrix, self.bias = packed.matrix, bias
 
 
@@ -145,6 +157,14 @@ def _routes(linears: tuple) -> tuple:
         return None if m.bias is None else m.bias.detach().to(torch.bfloat16)
 
     def route(m):
+        plan = m.__dict__.get("_plan")
+        if getattr(plan, "fold", False):  # a LoRA layer folded: its fold, made current
+            key = _plan_key(m)
+            if key is None:
+                return m
+            if key != plan.key:
+                plan._make(m, key)
+            return _Packed(plan, plan.bias)
         if not plain(m):
             return m
         packed = frozen.packed_weights(m, m.weight, torch.bfloat16)
@@ -193,11 +213,10 @@ def _hooked(modules: list[nn.Module]) -> bool:
     plan runs without calling them). The capture records attention weights, which SDPA does
     not give: nothing to record."""
     for m in modules:
-        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or m._forward_hooks and any(getattr(h, "__name__", "") != "output_capturing_hook"
+                                            for h in m._forward_hooks.values()):
             return True
-        for hook in m._forward_hooks.values():
-            if getattr(hook, "__name__", "") != "output_capturing_hook":
-                return True
     return False
 
 
