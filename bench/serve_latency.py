@@ -226,13 +226,21 @@ class Server:
         import http.client
         import json
 
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port,
-                                                                timeout=120)
-        conn.request("POST", "/v1/classify", json.dumps({"model": model, "texts": texts}),
-                     {"Content-Type": "application/json"})
-        r = conn.getresponse()
+        body = json.dumps({"model": model, "texts": texts})
+        for attempt in (1, 2):  # the server closes a connection left idle for 5 s: open anew
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                                    timeout=120)
+            try:
+                conn.request("POST", "/v1/classify", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2:
+                    raise
         body = r.read()
         if r.status != 200:
             raise RuntimeError(f"/v1/classify answered {r.status}: {body[:500]!r}")
@@ -385,10 +393,12 @@ def markdown(result: dict) -> str:
         f"sentences, then {a['single']} over those of at most {SHORT_WORDS} words); a request "
         "that finds the server idle runs at once (greedy batching), and only requests that "
         f"queue while a batch runs wait, up to --max-wait-ms {a['max_wait_ms']:g}, for more "
-        "to batch with. "
+        "to batch with; a batch of mixed lengths is computed in length-sorted passes, cut "
+        "where padding would cost more than another pass. "
         f"The pipeline gets its sentences as one list (batch_size {a['batch']}); the server "
         f"gets them as {a['clients']} concurrent HTTP clients (Python's http.client, one "
-        "keep-alive connection each). The client shares the machine with the server. Agreement: the share of {result['agreement_n']:,} demo test "
+        "keep-alive connection each). The client shares the machine with the server. "
+        f"Agreement: the share of {result['agreement_n']:,} demo test "
         "sentences (SST-2) given the label the run itself gives them in fp32 "
         "(`tunelab.load(run, precision=\"fp32\", merge=False)`: the model as it trained); the "
         "exports are made by `tunelab export` "
@@ -432,7 +442,7 @@ def in_process_markdown(result: dict) -> list[str]:
             f"the same {found[next(iter(found))]['sentences']:,} sentences as one list: "
             "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
             "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
-            "batches of 64, bf16 autocast where the CPU has it) against the pipeline; the "
+            "batches of up to 64, bf16 autocast where the CPU has it) against the pipeline; the "
             "server keeps adapters apart from the base they share, and folds the adapter of a "
             "run alone on its base in bf16 as `tunelab predict` merges it."]
 

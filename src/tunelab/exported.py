@@ -10,7 +10,7 @@ than the torch model. `OnnxPredictor` has the Predictor's interface (`logits`, `
 `predict_file`, `labels`), so `tunelab predict`, `tunelab serve` and `tunelab verify` run an
 export through this one engine and give identical outputs for it. Batches are formed as the
 torch engine forms them: texts tokenised once, sorted by length, padded to the longest in
-their batch.
+their batch, a batch of mixed lengths cut where padding costs more than another pass.
 """
 from __future__ import annotations
 
@@ -84,12 +84,12 @@ class OnnxPredictor:
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:
         """(N, C) fp32 logits in input order."""
         from tunelab.tasks import classification as cls_task
-        from tunelab.train.batching import eval_batches
+        from tunelab.train.batching import SPLIT_COST_TOKENS, eval_batches
 
         data = cls_task.encode(self.tokenizer, list(texts), list(pairs) if pairs else None,
                                [0] * len(texts), self.max_length)
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        for idx in eval_batches(data.lengths, self.batch_size):
+        for idx in eval_batches(data.lengths, self.batch_size, SPLIT_COST_TOKENS):
             batch = cls_task.collate(data, idx, self.tokenizer.pad_token_id)
             feed = {name: batch[name].numpy() for name in self.inputs}  # (B, T) int64 each
             out[idx] = self.session.run(["logits"], feed)[0]

@@ -45,3 +45,34 @@ def test_eval_batches_cover_all_longest_first():
     batches = eval_batches(ls, 16)
     assert sorted(i for b in batches for i in b) == list(range(100))
     assert ls[batches[0][0]] == max(ls)
+
+
+def padded_cost(parts, ls, split_cost):
+    return sum(split_cost + len(p) * max(ls[i] for i in p) for p in parts)
+
+
+def test_mixed_batches_are_cut_where_padding_costs_more_than_a_pass():
+    import itertools
+
+    from tunelab.train.batching import split_by_padding
+
+    rng = random.Random(3)
+    for _ in range(30):
+        ls = [rng.randrange(3, 80) for _ in range(9)]
+        batch = sorted(range(9), key=lambda i: -ls[i])
+        parts = split_by_padding(batch, [ls[i] for i in batch], 20)
+        assert [i for p in parts for i in p] == batch  # every item once, in order
+        # the cheapest of every way to cut the batch into runs
+        best = min(padded_cost([batch[a:b] for a, b in zip((0, *cuts), (*cuts, 9))], ls, 20)
+                   for k in range(9) for cuts in itertools.combinations(range(1, 9), k))
+        assert padded_cost(parts, ls, 20) == best
+
+
+def test_eval_batches_split_mixed_lengths_and_keep_even_ones_whole():
+    ls = lengths(64, seed=4)
+    assert [len(b) for b in eval_batches(ls, 64)] == [64]
+    cut = eval_batches(ls, 64, split_cost=64)
+    assert len(cut) > 1 and sorted(i for b in cut for i in b) == list(range(64))
+    assert padded_cost(cut, ls, 64) < padded_cost(eval_batches(ls, 64), ls, 64)
+    even = [40] * 60 + [39] * 68  # a length-sorted file: passes stay whole
+    assert [len(b) for b in eval_batches(even, 64, split_cost=64)] == [64, 64]

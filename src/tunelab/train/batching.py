@@ -31,10 +31,43 @@ def shard(batches: list, rank: int, world: int) -> list:
     return batches[:usable][rank::world]
 
 
-def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Longest first: padding only to similar lengths, and an out-of-memory shows at once."""
+def eval_batches(lengths: list[int], batch_size: int,
+                 split_cost: int | None = None) -> list[list[int]]:
+    """Longest first: padding only to similar lengths, and an out-of-memory shows at once.
+    `split_cost`: a forward pass's own cost in padded tokens; each batch is then cut where its
+    padding costs more than another pass (`split_by_padding`)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if split_cost is None:
+        return batches
+    return [part for batch in batches
+            for part in split_by_padding(batch, [lengths[i] for i in batch], split_cost)]
+
+
+SPLIT_COST_TOKENS = 64
+"""What one more forward pass costs on CPU, in padded tokens: MiniLM in bf16 took ~4 ms for a
+short sentence and ~55 us for each further token (two cores)."""
+
+
+def split_by_padding(batch: list[int], lengths: list[int], split_cost: int) -> list[list[int]]:
+    """`batch` (longest first) cut into runs that minimise the padded tokens computed plus
+    `split_cost` for each pass (the runs pad to their first, longest, item). A batch of
+    mixed lengths, as the server's micro-batches are, pads its short texts to the longest: 64
+    SST-2 sentences drawn at random predicted at 213-224 sentences/s in one pass and at 346-406
+    cut in passes of 8 to 32 (MiniLM, bf16); a length-sorted file keeps its passes whole."""
+    n = len(batch)
+    best = [0] + [None] * n  # best[j]: the cheapest cost of the first j items
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + split_cost + (j - i) * lengths[i]
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    parts, j = [], n
+    while j > 0:
+        parts.append(batch[cut[j]:j])
+        j = cut[j]
+    return parts[::-1]
 
 
 def lockstep_batches(batches: list, rank: int, world: int) -> tuple[list, int]:

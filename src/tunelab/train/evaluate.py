@@ -8,7 +8,7 @@ import functools
 import torch
 
 from tunelab.train import engines
-from tunelab.train.batching import eval_batches, lockstep_batches
+from tunelab.train.batching import SPLIT_COST_TOKENS, eval_batches, lockstep_batches
 
 
 def autocast(device_type: str, bf16: bool):
@@ -42,7 +42,9 @@ def iter_logits(task, model, data, batch_size: int, pad_id: int, device, bf16: b
     the CPU, batch as collated (CPU tensors, labels included). `lockstep`: the model's weights
     are sharded (FSDP, ZeRO-3), so each forward pass is a collective and every process must run
     as many as the others; padding passes are run and dropped."""
-    batches = eval_batches(data.lengths, batch_size)
+    # on CPU a batch of mixed lengths is cut where padding costs more than a pass
+    split_cost = SPLIT_COST_TOKENS if device.type == "cpu" else None
+    batches = eval_batches(data.lengths, batch_size, split_cost)
     if lockstep and batches:
         batches, real = lockstep_batches(batches, rank, world)
     else:

@@ -12,11 +12,15 @@ are bit-identical to the general path (tested). Where the query, key and value p
 all frozen plain linears (a merged LoRA run, a fully trained one) they are one matmul against
 their weights stacked (`frozen.PackedWeight`), laid out once.
 
+A LoRA layer folded (`tunelab serve`, a run alone on its base) computes through its fold the
+same way, its input cast once for the three projections.
+
 Measured on a merged MiniLM LoRA run, one short sentence (12 tokens, `predict`, paired in one
-process): 6.0-6.7 -> 4.5-5.0 ms; batches of 64 unchanged (the matmuls dominate there). The general path is taken for anything else: gradients, training mode,
-another dtype or device, another attention implementation (eager, prefix tuning's), cached
-keys and values or cross-attention, chunked feed-forward, sub-blocks that are not the layer
-family's own, and hooks on the layer's parts other than transformers' output capture.
+process): 6.0-6.7 -> 4.5-5.0 ms; batches of 64 unchanged (the matmuls dominate there). The
+general path is taken for anything else: gradients, training mode, another dtype or device,
+another attention implementation (eager, prefix tuning's), cached keys and values or
+cross-attention, chunked feed-forward, sub-blocks that are not the layer family's own, and
+hooks on the layer's parts other than transformers' output capture.
 """
 from __future__ import annotations
 
