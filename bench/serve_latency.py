@@ -23,9 +23,8 @@ for one epoch, about two minutes):
              names (they share the base), and of one process holding ADAPTERS
              `tunelab.load` predictors (no sharing)
 
-The client (Python's `http.client`, one keep-alive connection per client thread) runs on the
-same machine as the server: on a small box it takes CPU from it, so absolute figures are
-conservative; the comparisons are like for like.
+The client (`http.client`, a keep-alive connection per client thread) runs on the same machine
+as the server: it takes CPU from it, so figures are conservative; comparisons like for like.
 
     .venv/bin/python bench/serve_latency.py                          # full size
     .venv/bin/python bench/serve_latency.py RUN_DIR --single 20 --batched 2 --agree 64 \
@@ -62,10 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("run_dir", nargs="?", type=Path,
                         help="a finished LoRA run (default: train configs/minilm/sst2_lora.yaml "
                              "for one epoch)")
-    parser.add_argument("--single", type=int, default=300,
-                        help="single-sentence requests per configuration (default 300)")
-    parser.add_argument("--batched", type=int, default=20,
-                        help="batched requests per client (default 20)")
+    parser.add_argument("--single", type=int, default=300, help="one-sentence requests each")
+    parser.add_argument("--batched", type=int, default=20, help="batched requests per client")
     parser.add_argument("--batch", type=int, default=32, help="sentences per batched request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     parser.add_argument("--adapters", type=int, default=10,
@@ -220,24 +217,22 @@ class Server:
         raise SystemExit("tunelab serve did not come up within 5 minutes")
 
     def classify(self, model: str, texts: list[str]) -> list[dict]:
-        """POST /v1/classify on this thread's keep-alive connection (Python's `http.client`:
-        httpx took ~1.5 ms more of the shared CPU per request, measured, which is the client's
-        cost, not the server's)."""
+        """POST /v1/classify on this thread's keep-alive connection (`http.client`: httpx
+        took ~1.5 ms more of the shared CPU a request, the client's cost, not the server's)."""
         import http.client
         import json
 
         body = json.dumps({"model": model, "texts": texts})
         for attempt in (1, 2):  # the server closes a connection left idle for 5 s: open anew
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port,
-                                                                    timeout=120)
+            if getattr(self.local, "conn", None) is None:
+                self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
             try:
-                conn.request("POST", "/v1/classify", body, {"Content-Type": "application/json"})
-                r = conn.getresponse()
+                self.local.conn.request("POST", "/v1/classify", body,
+                                        {"Content-Type": "application/json"})
+                r = self.local.conn.getresponse()
                 break
             except (ConnectionError, http.client.RemoteDisconnected):
-                conn.close()
+                self.local.conn.close()
                 self.local.conn = None
                 if attempt == 2:
                     raise
