@@ -81,7 +81,7 @@ def planned_class(layer_class: type) -> type:
 
 class EncoderLayerPlan(frozen.Uncopied):
     """One layer's prediction (see the module's doc); `output` is None where it does not apply
-    now. What each linear computes through is settled once (`_route`) and again when one of
+    now. What each linear computes through is settled once (`_routes`) and again when one of
     them is replaced, written in place or set to train."""
 
     def __init__(self, layer: nn.Module):
