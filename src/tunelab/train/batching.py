@@ -59,10 +59,12 @@ def split_by_padding(batch: list[int], lengths: list[int], split_cost: int) -> l
     best = [0] + [None] * n  # best[j]: the cheapest cost of the first j items
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + split_cost + (j - i) * lengths[i]
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
+        for i in range(j - 1, -1, -1):  # the last run is items i..j-1
+            run = split_cost + (j - i) * lengths[i]
+            if best[j] is not None and run >= best[j]:
+                break  # longer runs start with longer items: none costs less
+            if best[j] is None or best[i] + run < best[j]:
+                best[j], cut[j] = best[i] + run, i
     parts, j = [], n
     while j > 0:
         parts.append(batch[cut[j]:j])

@@ -105,7 +105,8 @@ class EncoderLayerPlan(frozen.Uncopied):
         linears = (attn.query, attn.key, attn.value, self_out.dense, inter.dense, out.dense)
         key = (inter.intermediate_act_fn, *(_linear_key(m) for m in linears))
         if key != self.key:
-            self.routes, self.act = _routes(linears), _act(inter.intermediate_act_fn)
+            self.routes = _routes((linears[:3], *((m,) for m in linears[3:])))
+            self.act = _act(inter.intermediate_act_fn)
             self.key = key
         qkv, o, up, down = self.routes
         lead, heads, size = x.shape[:-1], attn.num_attention_heads, attn.attention_head_size
@@ -149,10 +150,10 @@ class _Packed:
         self.matrix, self.bias = packed.matrix, bias
 
 
-def _routes(linears: tuple) -> tuple:
-    """(query/key/value, attention output, feed-forward in, out): each a `_Packed` or the
-    module to call (LoRA, adapters, IA3: their own plans and checks); the query, key and value
-    projections one `_Packed` over their weights stacked where all three are plain."""
+def _routes(groups: tuple) -> tuple:
+    """For each group of linears that read one input: the route of a lone member (a `_Packed`
+    or the module to call: LoRA kept apart, adapters, IA3, their own plans and checks), or for
+    siblings one `_Packed` over their weights stacked where all are plain, else their routes."""
     def plain(m):
         return type(m) is CachedCastLinear and not m.weight.requires_grad \
             and (m.bias is None or not m.bias.requires_grad)
@@ -174,13 +175,17 @@ def _routes(linears: tuple) -> tuple:
         packed = frozen.packed_weights(m, m.weight, torch.bfloat16)
         return m if packed is None else _Packed(packed, bias(m))
 
-    qkv = linears[:3]
-    if all(plain(m) and m.bias is not None for m in qkv):
-        stacked = _Packed(PackedWeight(*(m.weight for m in qkv), dtype=torch.bfloat16),
-                          torch.cat([bias(m) for m in qkv]))
-    else:
-        stacked = tuple(route(m) for m in qkv)
-    return (stacked, *(route(m) for m in linears[3:]))
+    out = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(route(group[0]))
+        elif all(plain(m) for m in group) and len({m.bias is None for m in group}) == 1:
+            biases = [bias(m) for m in group]
+            out.append(_Packed(PackedWeight(*(m.weight for m in group), dtype=torch.bfloat16),
+                               None if biases[0] is None else torch.cat(biases)))
+        else:
+            out.append(tuple(route(m) for m in group))
+    return tuple(out)
 
 
 def _apply(route, x2: torch.Tensor, lead: tuple) -> torch.Tensor:
