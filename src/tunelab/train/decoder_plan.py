@@ -25,7 +25,7 @@ from torch import nn
 
 from tunelab.train import frozen
 from tunelab.train.frozen import autocast_dtype
-from tunelab.train.layer_plan import _apply, _hooked, _linear_key, _routes
+from tunelab.train.layer_plan import _apply, _hooked, _linear_key, _routes, attach_plans
 
 FAMILIES = (("llama", "Llama"),)
 """transformers families planned here: (module, class prefix)."""
@@ -50,7 +50,8 @@ def _family_classes() -> dict[type, tuple]:
 
 
 class _PlannedDecoder:
-    """Put before a family's decoder layer class in the class `planned_class` makes."""
+    """Put before a family's decoder layer class in the class `layer_plan.planned_class`
+    makes."""
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
@@ -63,11 +64,6 @@ class _PlannedDecoder:
                 return out
         return super().forward(hidden_states, attention_mask, position_ids, cache, use_cache,
                                position_embeddings, **kwargs)
-
-
-@cache
-def planned_class(base: type) -> type:
-    return type(f"Planned{base.__name__}", (_PlannedDecoder, base), {})
 
 
 class DecoderLayerPlan(frozen.Uncopied):
@@ -132,25 +128,15 @@ def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def plan_decoder_layers(model: nn.Module) -> int:
     """Give every Llama-family decoder layer of `model` its `DecoderLayerPlan` (for prediction
-    and generation; its class becomes `planned_class`'s), where the packed bf16 path is there;
-    how many."""
-    from tunelab.train.layer_plan import PLAN_LAYERS
-
-    if not PLAN_LAYERS or not frozen.PACK_WEIGHTS or not frozen._can_pack():
-        return 0
-    families, count = _family_classes(), 0
-    for module in model.modules():
-        cls = type(module)
-        base = cls.__mro__[2] if issubclass(cls, _PlannedDecoder) else cls
-        if base not in families:
-            continue
-        attention, mlp, norm, rotary = families[base]
-        parts = (module.self_attn, module.mlp, module.input_layernorm,
-                 module.post_attention_layernorm)
+    and generation; its class becomes `layer_plan.planned_class`'s), where the packed bf16
+    path is there; how many."""
+    def make(layer, spec):
+        attention, mlp, norm, rotary = spec
+        parts = (layer.self_attn, layer.mlp, layer.input_layernorm,
+                 layer.post_attention_layernorm)
         if [type(p) for p in parts] != [attention, mlp, norm, norm] \
                 or any("forward" in p.__dict__ for p in parts):
-            continue
-        module.__class__ = planned_class(base)
-        module.__dict__["_plan"] = DecoderLayerPlan(module, rotary)
-        count += 1
-    return count
+            return None
+        return DecoderLayerPlan(layer, rotary)
+
+    return attach_plans(model, _PlannedDecoder, _family_classes(), make)

@@ -75,8 +75,27 @@ class _Planned:
 
 
 @cache
-def planned_class(layer_class: type) -> type:
-    return type(f"Planned{layer_class.__name__}", (_Planned, layer_class), {})
+def planned_class(base: type, mixin: type = _Planned) -> type:
+    """`base` with `mixin`'s forward put before its own (the layer's plan, else `base`'s)."""
+    return type(f"Planned{base.__name__}", (mixin, base), {})
+
+
+def attach_plans(model: nn.Module, mixin: type, families: dict, make) -> int:
+    """Give every module of `model` whose class is in `families` the plan `make(module,
+    families[class])` returns (None: not this one), its class becoming `planned_class(class,
+    mixin)`'s; how many. Only where the packed bf16 path is there."""
+    if not PLAN_LAYERS or not frozen.PACK_WEIGHTS or not frozen._can_pack():
+        return 0
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        base = cls.__mro__[2] if issubclass(cls, mixin) else cls
+        if base not in families or (plan := make(module, families[base])) is None:
+            continue
+        module.__class__ = planned_class(base, mixin)
+        module.__dict__["_plan"] = plan
+        count += 1
+    return count
 
 
 class EncoderLayerPlan(frozen.Uncopied):
@@ -248,16 +267,6 @@ def _plannable(layer: nn.Module, parts: dict[str, type]) -> bool:
 def plan_encoder_layers(model: nn.Module) -> int:
     """Give every BERT-family encoder layer of `model` its `EncoderLayerPlan` (for prediction;
     its class becomes `planned_class`'s), where the packed bf16 path is there; how many."""
-    if not PLAN_LAYERS or not frozen.PACK_WEIGHTS or not frozen._can_pack():
-        return 0
-    families, count = _family_classes(), 0
-    for module in model.modules():
-        cls = type(module)
-        base = cls.__mro__[2] if issubclass(cls, _Planned) else cls
-        parts = families.get(base)
-        if parts is None or not _plannable(module, parts):
-            continue
-        module.__class__ = planned_class(base)
-        module.__dict__["_plan"] = EncoderLayerPlan(module)
-        count += 1
-    return count
+    return attach_plans(model, _Planned, _family_classes(),
+                        lambda layer, parts: EncoderLayerPlan(layer)
+                        if _plannable(layer, parts) else None)
