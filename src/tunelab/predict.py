@@ -15,10 +15,10 @@ from tunelab.errors import TunelabError
 from tunelab.methods import registry
 from tunelab.tasks import classification as cls_task
 from tunelab.tasks import get_task
+from tunelab.train.decoder_plan import plan_decoder_layers
 from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
 from tunelab.train.frozen import cache_frozen_casts, plan_frozen_linears
 from tunelab.train.fused_lora import fuse_lora_layers, plan_lora_layers
-from tunelab.train.decoder_plan import plan_decoder_layers
 from tunelab.train.layer_plan import plan_encoder_layers
 
 
