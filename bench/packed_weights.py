@@ -13,6 +13,9 @@ measured in one process with both paths interleaved (the machine drifts between 
 4. Generation with SmolLM2-135M-Instruct in bf16 (when its package is installed, see
    README): `Generator.from_pretrained` with and without `keep_weights_cast`, greedy, the same
    prompts: seconds, new tokens/s, whether the texts are identical.
+Parts 2 and 4 compare the layouts with the layer plans off; then, on the laid-out models, each
+layer module by module against one plain function (`tunelab.train.layer_plan`,
+`tunelab.train.decoder_plan`): sentences/s, one short sentence p50, new tokens/s.
 
     .venv/bin/python bench/packed_weights.py           # ~3 minutes
 """
@@ -97,6 +100,8 @@ def prediction(args) -> dict:
     plain = Predictor(model, tokenizer, ["negative", "positive"], 128, bf16=True)
     kept = Predictor(keep_weights_cast(copy.deepcopy(model)), tokenizer,
                      ["negative", "positive"], 128, bf16=True)
+    plans = planned(kept.model)
+    use_plans(plans, False)
     identical = bool(torch.equal(plain.logits(texts), kept.logits(texts)))
     times = {"plain": [], "packed": []}
     for r in range(args.rounds):
@@ -105,8 +110,46 @@ def prediction(args) -> dict:
             p.logits(texts)
             times[name].append(time.perf_counter() - t0)
     rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
+    # the layer plans, on the laid-out model: whole list and one short sentence at a time
+    apart = kept.logits(texts)
+    use_plans(plans, True)
+    short = [t for t in texts if len(t.split()) <= 10][:100]
+    per_s, single = {False: [], True: []}, {False: [], True: []}
+    for r in range(args.rounds):
+        for on in (False, True)[::1 if r % 2 else -1]:
+            use_plans(plans, on)
+            t0 = time.perf_counter()
+            kept.logits(texts)
+            per_s[on].append(len(texts) / (time.perf_counter() - t0))
+            for text in short:
+                t0 = time.perf_counter()
+                kept.predict([text])
+                single[on].append(1000 * (time.perf_counter() - t0))
     return {"sentences": len(texts), "plain_per_s": rate["plain"],
-            "packed_per_s": rate["packed"], "identical_logits": identical}
+            "packed_per_s": rate["packed"], "identical_logits": identical,
+            "plans": {"layers": len(plans), "identical_logits":
+                      bool(torch.equal(apart, kept.logits(texts))),
+                      "off_per_s": statistics.median(per_s[False]),
+                      "on_per_s": statistics.median(per_s[True]), "short": len(short),
+                      "off_short_ms": statistics.median(single[False]),
+                      "on_short_ms": statistics.median(single[True])}}
+
+
+def planned(model) -> list:
+    """(layer, its plan) for each layer of `model` with a layer plan."""
+    from tunelab.train.decoder_plan import _PlannedDecoder
+    from tunelab.train.layer_plan import _Planned
+
+    return [(m, m.__dict__["_plan"]) for m in model.modules()
+            if isinstance(m, (_Planned, _PlannedDecoder)) and "_plan" in m.__dict__]
+
+
+def use_plans(plans: list, on: bool) -> None:
+    for layer, plan in plans:
+        if on:
+            layer.__dict__["_plan"] = plan
+        else:
+            layer.__dict__.pop("_plan", None)
 
 
 def lora_steps(args, module, flag: str) -> dict:
@@ -163,6 +206,8 @@ def generation(args) -> dict | None:
                                           batch_size=len(prompts))
     finally:
         predict.keep_weights_cast = keep
+    plans = planned(kept.model)
+    use_plans(plans, False)
     texts = {"plain": [g.text for g in plain.generate(prompts)],
              "packed": [g.text for g in kept.generate(prompts)]}
     times = {"plain": [], "packed": []}
@@ -171,10 +216,20 @@ def generation(args) -> dict | None:
             t0 = time.perf_counter()
             g.generate(prompts)
             times[name].append(time.perf_counter() - t0)
+    planned_times = {False: [], True: []}
+    for r in range(args.rounds // 2 or 1):  # the layer plans, on the laid-out model
+        for on in (False, True)[::1 if r % 2 else -1]:
+            use_plans(plans, on)
+            t0 = time.perf_counter()
+            out = [g.text for g in kept.generate(prompts)]
+            planned_times[on].append(time.perf_counter() - t0)
     tokens = sum(len(plain.tokenizer(t)["input_ids"]) for t in texts["plain"])
     seconds = {k: statistics.median(v) for k, v in times.items()}
     return {"prompts": len(prompts), "new_tokens": tokens, "plain_s": seconds["plain"],
-            "packed_s": seconds["packed"], "identical_texts": texts["plain"] == texts["packed"]}
+            "packed_s": seconds["packed"], "identical_texts": texts["plain"] == texts["packed"],
+            "plans": {"layers": len(plans), "identical_texts": out == texts["packed"],
+                      "off_s": statistics.median(planned_times[False]),
+                      "on_s": statistics.median(planned_times[True])}}
 
 
 def main(argv=None) -> int:
@@ -206,6 +261,7 @@ def main(argv=None) -> int:
     report = {"command": common.command_line(), "date": common.now(),
               "machine": common.machine_info(), "layers": layers, "prediction": predicted,
               "lora_steps": steps, "grouped_steps": grouped_steps, "generation": generated,
+              "rounds": args.rounds,
               "seconds": round(time.perf_counter() - started, 1)}
     common.publish(args, NAME, report, markdown(report))
     return 0
@@ -231,6 +287,21 @@ def markdown(report: dict) -> str:
                      f"{gen['plain_s'] / gen['packed_s']:.2f}x; texts "
                      + ("identical" if gen["identical_texts"] else "DIFFERENT")])
     g = report["grouped_steps"]
+    plan_rows = [[f"prediction, {p['sentences']} SST-2 sentences (sentences/s)",
+                  common.fmt(p["plans"]["off_per_s"]), common.fmt(p["plans"]["on_per_s"]),
+                  f"{p['plans']['on_per_s'] / p['plans']['off_per_s']:.3f}x; logits "
+                  + ("identical" if p["plans"]["identical_logits"] else "DIFFERENT")],
+                 [f"one short sentence, p50 of {p['plans']['short']} x {report['rounds']} (ms)",
+                  common.fmt(p["plans"]["off_short_ms"], 2),
+                  common.fmt(p["plans"]["on_short_ms"], 2),
+                  f"{p['plans']['on_short_ms'] / p['plans']['off_short_ms']:.2f}x the time"]]
+    if gen:
+        gp = gen["plans"]
+        plan_rows.append([f"SmolLM2-135M generation, {gen['prompts']} prompts x 48 new tokens, "
+                          "greedy (new tokens/s)", common.fmt(gen["new_tokens"] / gp["off_s"]),
+                          common.fmt(gen["new_tokens"] / gp["on_s"]),
+                          f"{gp['off_s'] / gp['on_s']:.2f}x; texts "
+                          + ("identical" if gp["identical_texts"] else "DIFFERENT")])
     return "\n\n".join([
         "## Frozen weights laid out for oneDNN once (bf16, CPU)",
         f"`{report['command']}`",
@@ -245,7 +316,11 @@ def markdown(report: dict) -> str:
         common.markdown_table(["", "each layer alone", "grouped", ""], [[
             f"LoRA training step, median of {g['steps']} paired steps (ms)",
             common.fmt(g["off_ms"]), common.fmt(g["on_ms"]),
-            f"step ratio {g['median_ratio']:.3f}"]])])
+            f"step ratio {g['median_ratio']:.3f}"]]),
+        "On the laid-out models, each encoder layer (MiniLM) and decoder layer (SmolLM2) "
+        "module by module against one plain function over its prepared parts "
+        "(`tunelab.train.layer_plan`, `tunelab.train.decoder_plan`), interleaved:",
+        common.markdown_table(["", "module by module", "one function", ""], plan_rows)])
 
 
 if __name__ == "__main__":
