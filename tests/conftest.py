@@ -85,3 +85,18 @@ def heap_calls(monkeypatch):
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep"))
     monkeypatch.setattr(memory, "release_heap", lambda: calls.append("release"))
     return calls
+
+
+def count_outputs(monkeypatch, plan_class) -> list[bool]:
+    """Patch `plan_class.output` to record, for each call, whether the plan computed the
+    output (True) or handed back to the general path (None -> False)."""
+    calls = []
+    output = plan_class.output
+
+    def counted(self, *args):
+        out = output(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(plan_class, "output", counted)
+    return calls

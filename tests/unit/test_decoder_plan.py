@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import count_outputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.predict import keep_weights_cast
@@ -24,16 +25,8 @@ def build(attention="sdpa"):
 
 @pytest.fixture
 def planned_calls(monkeypatch):
-    calls = []
-    output = DecoderLayerPlan.output
-
-    def counted(self, *args):
-        out = output(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(DecoderLayerPlan, "output", counted)
-    return calls
+    """Per layer call, whether the plan computed it."""
+    return count_outputs(monkeypatch, DecoderLayerPlan)
 
 
 def general(model):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import count_outputs
 from transformers import (AutoModelForSequenceClassification, BertConfig, ElectraConfig,
                           MPNetConfig, RobertaConfig, XLMRobertaConfig)
 
@@ -53,17 +54,8 @@ def general(model):
 
 @pytest.fixture
 def planned_calls(monkeypatch):
-    """How many layer calls the plan computed."""
-    calls = []
-    output = EncoderLayerPlan.output
-
-    def counted(self, *args):
-        out = output(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(EncoderLayerPlan, "output", counted)
-    return calls
+    """Per layer call, whether the plan computed it."""
+    return count_outputs(monkeypatch, EncoderLayerPlan)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

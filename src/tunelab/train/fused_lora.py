@@ -185,15 +185,21 @@ class LoraPlan(frozen.Uncopied):
     def nbytes(self) -> int:
         return 0 if self.matrix is None else 2 * self.matrix.shape[0] * self.matrix.shape[1]
 
-    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output for `x`, or None where the plan does not apply now."""
-        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16:
-            return None
+    def current(self, layer: nn.Module) -> bool:
+        """Whether the plan applies to `layer` as it is now, made again first if a tensor it
+        was made from was written or another adapter is active."""
         key = _plan_key(layer)
         if key is None:
-            return None
+            return False
         if key != self.key:
             self._make(layer, key)
+        return True
+
+    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output for `x`, or None where the plan does not apply now."""
+        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16 \
+                or not self.current(layer):
+            return None
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if self.matrix is not None:
             out = linear_packed(x2, self.matrix, self.bias)

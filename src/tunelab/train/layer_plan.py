@@ -131,10 +131,10 @@ class EncoderLayerPlan(frozen.Uncopied):
         lead, heads, size = x.shape[:-1], attn.num_attention_heads, attn.attention_head_size
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(qkv, tuple):
-            if all(type(r) is _Packed for r in qkv):
-                x2 = x2.to(torch.bfloat16)  # cast once for the three
-            q, k, v = (_apply(r, x2, lead).view(*lead, heads, size).transpose(1, 2) for r in qkv)
-            x2 = x.reshape(-1, x.shape[-1])
+            packed = all(type(r) is _Packed for r in qkv)
+            rows = x2.to(torch.bfloat16) if packed else x2  # cast once for the three
+            q, k, v = (_apply(r, rows, lead).view(*lead, heads, size).transpose(1, 2)
+                       for r in qkv)
         else:
             q, k, v = _apply(qkv, x2, lead).view(*lead, 3, heads, size) \
                 .permute(2, 0, 3, 1, 4).unbind(0)
@@ -183,12 +183,7 @@ def _routes(groups: tuple) -> tuple:
     def route(m):
         plan = m.__dict__.get("_plan")
         if getattr(plan, "fold", False):  # a LoRA layer folded: its fold, made current
-            key = _plan_key(m)
-            if key is None:
-                return m
-            if key != plan.key:
-                plan._make(m, key)
-            return _Packed(plan, plan.bias)
+            return _Packed(plan, plan.bias) if plan.current(m) else m
         if not plain(m):
             return m
         packed = frozen.packed_weights(m, m.weight, torch.bfloat16)
