@@ -116,6 +116,40 @@ def test_lora_layers_kept_apart_and_folded_compute_through_their_own_plans(plann
     assert not torch.allclose(logits(folded, batch), logits(build().eval(), batch), atol=1e-3)
 
 
+def test_folded_query_key_and_value_are_one_matmul_over_their_folds(planned_calls):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.train.fused_lora import fold_lora_layers
+
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
+                                                    target_modules=["query", "key", "value"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    model = keep_weights_cast(peft_model).eval()
+    fold_lora_layers(model)
+    batch = inputs()
+    got = logits(model, batch)
+    assert planned_calls == [True, True]
+    assert torch.equal(got, logits(general(model), batch))
+    layer = model.base_model.model.bert.encoder.layer[0]
+    stacked = layer.__dict__["_plan"].routes[0]
+    assert isinstance(stacked, layer_plan._Packed) and stacked.bias.shape == (3 * 32,)
+    query = layer.attention.self.query
+    assert query.__dict__["_plan"].matrix is None  # released: the stack holds it
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # called on its own
+        alone = query(torch.ones(1, 2, 32))
+        assert query.__dict__["_plan"].matrix is not None  # folded again
+        assert torch.allclose(alone.float(), query.base_layer(torch.ones(1, 2, 32)).float()
+                              + query.get_delta_weight("default").sum(1), atol=0.1)
+    with torch.no_grad():  # an adapter written: stacked again
+        layer.attention.self.key.lora_B["default"].weight.mul_(-1)
+    again = logits(model, batch)
+    assert not torch.allclose(again, got, atol=1e-3)
+    assert torch.equal(again, logits(general(model), batch))
+
+
 def test_the_general_path_wherever_the_plan_does_not_apply(planned_calls):
     model = keep_weights_cast(build()).eval()
     batch = inputs()

@@ -171,10 +171,7 @@ class LoraPlan(frozen.Uncopied):
         self.key, self.scaling = key, layer.scaling[name]
         self.bias = None if base.bias is None else base.bias.detach().to(torch.bfloat16)
         if self.fold:
-            # made again inside a forward: not under its autocast (B A would be a bf16 matmul)
-            with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
-                weight = base.weight + layer.get_delta_weight(name).to(base.weight.dtype)
-            self.matrix = frozen.laid_out(weight, torch.bfloat16)
+            self.matrix = frozen.laid_out(folded_weight(layer, name), torch.bfloat16)
             self.packed = self.a = self.b = None
         else:  # the base's layout is taken at the first call: a run folded next makes none
             self.matrix = self.packed = None
@@ -187,13 +184,18 @@ class LoraPlan(frozen.Uncopied):
 
     def current(self, layer: nn.Module) -> bool:
         """Whether the plan applies to `layer` as it is now, made again first if a tensor it
-        was made from was written or another adapter is active."""
+        was made from was written or another adapter is active (or its fold was released)."""
         key = _plan_key(layer)
         if key is None:
             return False
-        if key != self.key:
+        if key != self.key or self.fold and self.matrix is None:
             self._make(layer, key)
         return True
+
+    def release(self) -> None:
+        """Drop the fold's matrix (a layer plan holds it stacked with its siblings'); made
+        again if the layer is called on its own."""
+        self.matrix = None
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output for `x`, or None where the plan does not apply now."""
@@ -209,6 +211,14 @@ class LoraPlan(frozen.Uncopied):
                                              torch.bfloat16)
             out = lora_linear(x2, None, self.bias, self.a, self.b, self.scaling, self.packed)[0]
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def folded_weight(layer: nn.Module, name: str) -> torch.Tensor:
+    """`W + (B A) s` for adapter `name` of LoRA layer `layer`, as PEFT merges it, in W's dtype."""
+    base = layer.base_layer
+    # made inside a forward too: not under its autocast (B A would be a bf16 matmul)
+    with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
+        return base.weight + layer.get_delta_weight(name).to(base.weight.dtype)
 
 
 def _plan_key(layer: nn.Module) -> tuple | None:
