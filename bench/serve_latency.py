@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.resources
+import inspect
 import os
 import socket
 import statistics
@@ -47,11 +48,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import mfu  # noqa: E402
+import serve_report  # noqa: E402
 
 NAME = "serve_latency"
-SHORT_WORDS = 10
-"""A short sentence, for the single-sentence latency target: at most this many words (351 of
-the 1,821 demo test sentences; the median sentence has 18)."""
+SHORT_WORDS = serve_report.SHORT_WORDS
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -182,6 +183,22 @@ def bench_in_process(target: Path, texts: list[str], args, reference: list[str],
     labels = [p["label"] for p in predictor.predict(texts[:len(reference)])]
     return {**latencies, "throughput": n / wall, "sentences": n,
             "agreement": agreement(labels, reference)}
+
+
+def ceiling(texts: list[str], args) -> dict:
+    """What no prediction path can pass here: the sentences the throughput rows predict, at
+    the bf16 rate of their matmuls alone (`mfu.prediction_ceiling`)."""
+    from transformers import AutoTokenizer
+
+    from tunelab.models import resolve_model
+
+    from tunelab.predict import Predictor
+
+    n = args.batched * args.clients * args.batch
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    batch = inspect.signature(Predictor.from_run).parameters["batch_size"].default
+    return mfu.prediction_ceiling(tokenizer, [texts[i % len(texts)] for i in range(n)],
+                                  mfu.model_shapes(), batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,112 +359,6 @@ def child_load(run_dir: Path, n: int, texts: list[str], batch: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-SERVED_TITLES = {"fp32": "tunelab serve, run in fp32 (torch)",
-                 "bf16": "tunelab serve, run in bf16 (torch autocast)",
-                 "bf16_shared": "tunelab serve, run in bf16 beside another run on its base "
-                                "(adapters kept apart)",
-                 "onnx": "tunelab serve, onnx export (ONNX Runtime, fp32)",
-                 "int8": "tunelab serve, int8 export (ONNX Runtime, int8 weights)"}
-IN_PROCESS_TITLES = {"fp32": "tunelab.load(run, precision=\"fp32\") (torch)",
-                     "bf16": "tunelab.load(run, precision=\"bf16\") (torch autocast)",
-                     "bf16_unmerged": "tunelab.load(run, precision=\"bf16\", merge=False) "
-                                      "(the adapter kept apart, as the server keeps "
-                                      "runs that share a base)",
-                     "onnx": "tunelab.load(onnx export) (ONNX Runtime, fp32)",
-                     "int8": "tunelab.load(int8 export) (ONNX Runtime, int8 weights)"}
-
-
-def served_title(key: str, r: dict) -> str:
-    folded = r.get("served", {}).get("adapter_folded")
-    return SERVED_TITLES[key] + (", adapter folded (alone on its base)" if folded else "")
-
-
-def markdown(result: dict) -> str:
-    rows = []
-    base = result["pipeline"]
-    for title, r in [("transformers.pipeline (in-process, no HTTP)", base),
-                     *((served_title(key, r), r) for key, r in result["serve"].items())]:
-        short = r.get("single_short")  # results written before it was measured lack it
-        rows.append([title, common.fmt(short["p50_ms"]) if short else "—",
-                     common.fmt(r["single"]["p50_ms"]), common.fmt(r["single"]["p99_ms"]),
-                     common.fmt(r["throughput"], 0),
-                     f"{r['throughput'] / base['throughput']:.2f}x", f"{r['agreement']:.2%}"])
-    a = result["args"]
-    mem = result["memory"]
-    n = a["adapters"]
-    return "\n\n".join([
-        "## Serving latency and throughput (MiniLM, LoRA run)",
-        f"`{result['command']}` — {result['date']}; {common.machine_line(result['machine'])}.",
-        common.markdown_table(
-            ["", f"1 short sentence p50 (ms, ≤ {SHORT_WORDS} words)", "1 sentence p50 (ms)",
-             "p99 (ms)",
-             f"sentences/s ({a['clients']} clients x {a['batch']}/request)", "vs pipeline",
-             "agreement with the fp32 run"],
-            rows),
-        f"Single-sentence requests are sequential ({a['single']} over the demo test "
-        f"sentences, then {a['single']} over those of at most {SHORT_WORDS} words); a request "
-        "that finds the server idle runs at once (greedy batching), and only requests that "
-        f"queue while a batch runs wait, up to --max-wait-ms {a['max_wait_ms']:g}, for more "
-        "to batch with; a batch of mixed lengths is computed in length-sorted passes, cut "
-        "where padding would cost more than another pass. "
-        f"The pipeline gets its sentences as one list (batch_size {a['batch']}); the server "
-        f"gets them as {a['clients']} concurrent HTTP clients (Python's http.client, one "
-        "keep-alive connection each). The client shares the machine with the server. "
-        f"Agreement: the share of {result['agreement_n']:,} demo test "
-        "sentences (SST-2) given the label the run itself gives them in fp32 "
-        "(`tunelab.load(run, precision=\"fp32\", merge=False)`: the model as it trained); the "
-        "exports are made by `tunelab export` "
-        "in the benchmark.",
-        *in_process_markdown(result),
-        common.markdown_table(
-            ["memory (RSS, MB)", "1 adapter", f"{n} adapters", "per extra adapter"],
-            [memory_row(mem, "serve", "loaded", n, "tunelab serve (one shared base), loaded"),
-             memory_row(mem, "serve", "served", n, "... after one request per adapter"),
-             memory_row(mem, "load", "loaded", n, f"{n} x tunelab.load in one process, loaded"),
-             memory_row(mem, "load", "served", n, "... after one prediction each")]),
-        f"The {n} adapters are copies of the run under different names. RSS after requests "
-        "includes activation buffers the allocator keeps, so it moves by tens of MB between "
-        "runs; the loaded figures are the stable ones. The server process also holds the "
-        "HTTP stack; the tunelab.load process does not.",
-    ])
-
-
-def in_process_markdown(result: dict) -> list[str]:
-    """The in-process prediction table (results written before it was measured lack it)."""
-    found = result.get("in_process")
-    if not found:
-        return []
-    base = result["pipeline"]["throughput"]
-
-    def single(r: dict) -> list[str]:  # results written before these were measured lack them
-        return [common.fmt(r[key]["p50_ms"] if key in r else None, 1)
-                for key in ("single_short", "single")]
-
-    rows = [[IN_PROCESS_TITLES[key], *single(r), common.fmt(r["throughput"], 0),
-             f"{r['throughput'] / base:.2f}x", f"{r['agreement']:.2%}"]
-            for key, r in found.items()]
-    rows.insert(0, [f"transformers.pipeline (batch_size {result['args']['batch']})",
-                    *single(result["pipeline"]), common.fmt(base, 0), "1.00x",
-                    f"{result['pipeline']['agreement']:.2%}"])
-    return [common.markdown_table(["prediction in one process, no HTTP",
-                                   f"1 short sentence p50 (ms, ≤ {SHORT_WORDS} words)",
-                                   "1 sentence p50 (ms)", "sentences/s", "vs pipeline",
-                                   "agreement with the fp32 run"], rows),
-            "One sentence per call as for the server, in this process; then "
-            f"the same {found[next(iter(found))]['sentences']:,} sentences as one list: "
-            "`tunelab.load(run or export).predict(texts)` (what `tunelab predict` and "
-            "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
-            "batches of up to 64, bf16 autocast where the CPU has it) against the pipeline; the "
-            "server keeps adapters apart from the base they share, and folds the adapter of a "
-            "run alone on its base in bf16 as `tunelab predict` merges it."]
-
-
-def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:
-    one, many = mem[f"{kind}_{when}_1"], mem[f"{kind}_{when}_{n}"]
-    return [title, common.fmt(one, 0), common.fmt(many, 0),
-            common.fmt((many - one) / (n - 1), 1) if n > 1 else "—"]
-
-
 def main(argv=None) -> None:
     from tunelab.export import export
 
@@ -488,8 +399,10 @@ def main(argv=None) -> None:
             print(f"in process {kind} export: {result['in_process'][kind]}", file=sys.stderr)
         result["memory"] = bench_memory(run_dir, texts, args)
         print(f"memory: {result['memory']}", file=sys.stderr)
+        result["ceiling"] = ceiling(texts, args)
+        print(f"ceiling: {result['ceiling']}", file=sys.stderr)
     common.write_json(args.out, result)
-    text = markdown(result)
+    text = serve_report.markdown(result)
     print(text)
     if args.markdown:
         common.update_markdown_section(args.markdown, NAME, text)

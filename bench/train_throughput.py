@@ -413,9 +413,12 @@ def markdown(report: dict) -> str:
                   f"token count 2 per weight forward, 2 for input gradients, 2 for weight "
                   f"gradients (full only) and attention; embeddings and the head excluded.", "",
                   common.markdown_table(
-                      ["method", "MFLOP / real token", "achieved GFLOP/s", "fraction of peak"],
+                      ["method", "MFLOP / real token", "achieved GFLOP/s", "fraction of peak",
+                       "1.5x the tuned Trainer would take"],
                       [[m, v["mflop_per_token"], v["achieved_gflops"],
-                        f"{v['fraction_of_peak']:.0%}"] for m, v in report["mfu"].items()])]
+                        f"{v['fraction_of_peak']:.0%}", f"{v['fraction_for_1_5x_tuned']:.0%}"
+                        if "fraction_for_1_5x_tuned" in v else "—"]
+                       for m, v in report["mfu"].items()])]
     if report.get("scaling"):
         base = next((r for r in report["scaling"] if "error" not in r), None)
         lines += ["", "Scaling with rows (tunelab full fine-tuning, same settings):", "",
