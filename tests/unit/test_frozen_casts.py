@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from tunelab.train import frozen
-from tunelab.train.frozen import CachedCastLinear, cache_frozen_casts, packed_weights
+from tunelab.train.frozen import (CachedCastLinear, cache_frozen_casts, linear_packed,
+                                  packed_weights)
 
 PACKS = frozen._can_pack()
 
@@ -82,8 +83,12 @@ def test_packing_only_frozen_weights_and_only_where_the_packed_path_is():
     assert packed_weights(layer, layer.weight, torch.bfloat16) is None
     layer.weight.requires_grad_(False)
     assert packed_weights(layer, layer.weight, torch.float16) is None
-    assert packed_weights(layer, layer.weight, torch.float32) is None
     assert (packed_weights(layer, layer.weight, torch.bfloat16) is not None) == PACKS
+    fp32 = packed_weights(layer, layer.weight, torch.float32)  # prediction's layer plans
+    assert (fp32 is not None) == frozen.can_pack(torch.float32)
+    if fp32 is not None:
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(linear_packed(x, fp32.matrix, layer.bias), layer(x))
 
 
 def test_a_3d_output_takes_in_place_additions_as_autocast_s_does():

@@ -9,7 +9,7 @@ from conftest import count_outputs
 from transformers import (AutoModelForSequenceClassification, BertConfig, ElectraConfig,
                           MPNetConfig, RobertaConfig, XLMRobertaConfig)
 
-from tunelab.predict import keep_weights_cast
+from tunelab.predict import keep_weights_cast, keep_weights_fp32
 from tunelab.train import frozen, layer_plan
 from tunelab.train.layer_plan import EncoderLayerPlan
 
@@ -75,6 +75,38 @@ def test_planned_layers_predict_the_general_paths_logits(family, padded, planned
     with torch.no_grad():
         fp32 = model(**batch).logits
     assert torch.allclose(got, fp32, atol=0.1 * fp32.abs().max().item())
+
+
+@pytest.mark.skipif(not frozen.can_pack(torch.float32), reason="no oneDNN fp32 layout here")
+@pytest.mark.parametrize("padded", [True, False])
+def test_fp32_layers_compute_over_weights_laid_out_in_fp32(padded, planned_calls):
+    from peft import LoraConfig, get_peft_model
+
+    model = keep_weights_fp32(build()).eval()
+    batch = inputs(padded)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = general(model)(**batch).logits
+    assert planned_calls == [True, True]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # oneDNN's matmul, not MKL's
+    stacked = model.bert.encoder.layer[0].__dict__["_plan"].routes[0]
+    assert stacked.matrix.dtype == torch.float32 and stacked.bias.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the same plan in bf16
+        assert torch.equal(model(**batch).logits, general(model)(**batch).logits)
+    assert planned_calls[2:] == [True, True]
+    lora = get_peft_model(build(), LoraConfig(r=4, target_modules=["query", "value"]))
+    lora = keep_weights_fp32(lora).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(**batch).logits, general(lora)(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
+    plan = lora.base_model.model.bert.encoder.layer[0].__dict__["_plan"]
+    assert isinstance(plan.routes[0], tuple)  # LoRA's query and value: their own modules
+    planned_calls.clear()
+    with torch.no_grad():  # traced (ONNX export): the general path, whose ops export
+        traced = torch.jit.trace(lambda ids, mask: model(input_ids=ids, attention_mask=mask)
+                                 .logits, (batch["input_ids"], batch["attention_mask"]),
+                                 check_trace=False)
+    assert planned_calls == [] and "mkldnn" not in str(traced.graph)
 
 
 def test_a_written_projection_is_stacked_again(planned_calls):

@@ -47,7 +47,7 @@ import tunelab
 from tunelab import experiments, exported, models, runs
 from tunelab.errors import TunelabError
 from tunelab.methods import registry
-from tunelab.predict import Predictor, keep_weights_cast, run_uses_bf16
+from tunelab.predict import Predictor, keep_weights_cast, keep_weights_fp32, run_uses_bf16
 from tunelab.tasks import get_task
 from tunelab.tasks.base import BuiltModel
 from tunelab.train.fused_lora import fold_lora_layers, unfold_lora_layers
@@ -213,8 +213,8 @@ class ModelPool:
         model, tokenizer, base = self._build_adapter_model(run_dir, config, labels, env)
         trainable, _ = registry.count_parameters(model)  # before prediction freezes it
         bf16 = run_uses_bf16(env, self.precision)
-        if bf16:  # the base's layout is made once and shared by every model over it
-            keep_weights_cast(model)
+        # the base's layout is made once and shared by every model over it
+        keep_weights_cast(model) if bf16 else keep_weights_fp32(model)
         predictor = Predictor(model, tokenizer, labels, config.model.max_length, bf16,
                               self.batch_size, config)
         predictor.run_dir = run_dir

@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 from tunelab.train import frozen
-from tunelab.train.frozen import autocast_dtype
+from tunelab.train.frozen import autocast_dtype, can_pack
 from tunelab.train.layer_plan import _apply, _hooked, _linear_key, _routes, attach_plans
+
+BF16 = torch.bfloat16
 
 FAMILIES = (("llama", "Llama"),)
 """transformers families planned here: (module, class prefix)."""
@@ -82,7 +84,8 @@ class DecoderLayerPlan(frozen.Uncopied):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         attn, mlp, norm1, norm2 = self.parts
-        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16 or layer.training \
+        if x.device.type != "cpu" or autocast_dtype(x) != BF16 or not can_pack(BF16) \
+                or layer.training \
                 or layer.self_attn is not attn or layer.mlp is not mlp \
                 or layer.input_layernorm is not norm1 \
                 or layer.post_attention_layernorm is not norm2 \
@@ -92,7 +95,7 @@ class DecoderLayerPlan(frozen.Uncopied):
                   (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
         key = (mlp.act_fn, *(_linear_key(m) for group in groups for m in group))
         if key != self.key:
-            self.routes, self.key = _routes(groups), key
+            self.routes, self.key = _routes(groups, BF16), key
         qkv, o, gate_up, down = self.routes
         lead, size = x.shape[:-1], attn.head_dim
         h = _rms(norm1, x)
@@ -105,17 +108,17 @@ class DecoderLayerPlan(frozen.Uncopied):
         a, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
                                       **attn_kwargs)
         a = a.reshape(*lead, -1).contiguous()
-        x = x + _apply(o, a.reshape(-1, a.shape[-1]), lead).view(*lead, -1)
+        x = x + _apply(o, a.reshape(-1, a.shape[-1]), lead, BF16).view(*lead, -1)
         h = _rms(norm2, x)
         gate, up = _group(gate_up, groups[2], h.reshape(-1, h.shape[-1]), lead)
-        return x + _apply(down, mlp.act_fn(gate) * up, lead).view(*lead, -1)
+        return x + _apply(down, mlp.act_fn(gate) * up, lead, BF16).view(*lead, -1)
 
 
 def _group(route, members: tuple, x2: torch.Tensor, lead: tuple) -> list[torch.Tensor]:
     """Each member's output for the rows `x2`: split from one stacked matmul, or one by one."""
     if isinstance(route, tuple):
-        return [_apply(r, x2, lead) for r in route]
-    return _apply(route, x2, lead).split([m.out_features for m in members], dim=-1)
+        return [_apply(r, x2, lead, BF16) for r in route]
+    return _apply(route, x2, lead, BF16).split([m.out_features for m in members], dim=-1)
 
 
 def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ their weights stacked (`frozen.PackedWeight`), laid out once.
 A LoRA layer folded (`tunelab serve`, a run alone on its base) computes through its fold the
 same way; query, key and value folded are one matmul over their folds stacked.
 
+In fp32 (no autocast; `predict.keep_weights_fp32`, on x86) the plan computes the same way over
+weights laid out for oneDNN's fp32 matmul, which took about half the time of torch's own (MKL)
+at a short sentence's rows here: one short sentence 8.6-9.0 -> 4.9-5.1 ms, logits within 2e-6.
+
 Measured on a merged MiniLM LoRA run, one short sentence (12 tokens, `predict`, paired in one
 process): 6.0-6.7 -> 4.5-5.0 ms; batches of 64 unchanged (the matmuls dominate there). The
 general path is taken for anything else: gradients, training mode, another dtype or device,
@@ -38,6 +42,8 @@ FAMILIES = (("bert", "Bert"), ("roberta", "Roberta"), ("xlm_roberta", "XLMRobert
             ("electra", "Electra"))
 """transformers families whose encoder layer is BERT's (the same code in transformers 5):
 (module, class prefix)."""
+PLANNED_DTYPES = (torch.bfloat16, torch.float32)
+"""bf16 autocast, or fp32 without autocast (where `frozen.can_pack` says the layout is there)."""
 PLAN_LAYERS = True
 """Whether `plan_encoder_layers` plans (False: every layer takes the general path)."""
 
@@ -66,7 +72,8 @@ class _Planned:
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         plan = self.__dict__.get("_plan")
-        if plan is not None and not torch.is_grad_enabled() \
+        # not when traced (ONNX export): oneDNN's packed matmul is no ONNX operator
+        if plan is not None and not torch.is_grad_enabled() and not torch.jit.is_tracing() \
                 and all(a is None for a in args) \
                 and all(v is None or v is False for v in kwargs.values()) \
                 and (out := plan.output(self, hidden_states, attention_mask)) is not None:
@@ -83,8 +90,9 @@ def planned_class(base: type, mixin: type = _Planned) -> type:
 def attach_plans(model: nn.Module, mixin: type, families: dict, make) -> int:
     """Give every module of `model` whose class is in `families` the plan `make(module,
     families[class])` returns (None: not this one), its class becoming `planned_class(class,
-    mixin)`'s; how many. Only where the packed bf16 path is there."""
-    if not PLAN_LAYERS or not frozen.PACK_WEIGHTS or not frozen._can_pack():
+    mixin)`'s; how many. Only where a packed path (bf16 or fp32) is there."""
+    if not PLAN_LAYERS or not frozen.PACK_WEIGHTS \
+            or not (frozen.can_pack(torch.bfloat16) or frozen.can_pack(torch.float32)):
         return 0
     count = 0
     for module in model.modules():
@@ -115,16 +123,19 @@ class EncoderLayerPlan(frozen.Uncopied):
 
     def output(self, layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor | None:
         attention, attn, self_out, inter, out = self.parts
-        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16 or layer.training \
+        # bf16 under autocast, or fp32 without it
+        dtype = autocast_dtype(x) or (torch.float32 if x.dtype == torch.float32 else None)
+        if x.device.type != "cpu" or dtype not in PLANNED_DTYPES \
+                or not frozen.can_pack(dtype) or layer.training \
                 or layer.attention is not attention or attention.self is not attn \
                 or attention.output is not self_out or layer.intermediate is not inter \
                 or layer.output is not out or attn.config._attn_implementation != "sdpa" \
                 or _hooked(self.members):
             return None
         linears = (attn.query, attn.key, attn.value, self_out.dense, inter.dense, out.dense)
-        key = (inter.intermediate_act_fn, *(_linear_key(m) for m in linears))
+        key = (dtype, inter.intermediate_act_fn, *(_linear_key(m) for m in linears))
         if key != self.key:
-            self.routes = _routes((linears[:3], *((m,) for m in linears[3:])))
+            self.routes = _routes((linears[:3], *((m,) for m in linears[3:])), dtype)
             self.act = _act(inter.intermediate_act_fn)
             self.key = key
         qkv, o, up, down = self.routes
@@ -132,25 +143,25 @@ class EncoderLayerPlan(frozen.Uncopied):
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(qkv, tuple):
             packed = all(type(r) is _Packed for r in qkv)
-            rows = x2.to(torch.bfloat16) if packed else x2  # cast once for the three
-            q, k, v = (_apply(r, rows, lead).view(*lead, heads, size).transpose(1, 2)
+            rows = x2.to(dtype) if packed else x2  # cast once for the three
+            q, k, v = (_apply(r, rows, lead, dtype).view(*lead, heads, size).transpose(1, 2)
                        for r in qkv)
         else:
-            q, k, v = _apply(qkv, x2, lead).view(*lead, 3, heads, size) \
+            q, k, v = _apply(qkv, x2, lead, dtype).view(*lead, 3, heads, size) \
                 .permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                            scale=attn.scaling, is_causal=False)
         a = a.transpose(1, 2).contiguous().reshape(x2.shape[0], -1)
-        h = _norm(self_out.LayerNorm, _apply(o, a, lead) + x2)
-        g = self.act(_apply(up, h, lead))
-        return _norm(out.LayerNorm, _apply(down, g, lead) + h).view(x.shape)
+        h = _norm(self_out.LayerNorm, _apply(o, a, lead, dtype) + x2)
+        g = self.act(_apply(up, h, lead, dtype))
+        return _norm(out.LayerNorm, _apply(down, g, lead, dtype) + h).view(x.shape)
 
 
 def _linear_key(module: nn.Module) -> tuple:
     """What `_routes` made a linear's route from: the module; for a frozen plain linear its
     tensors' memory, version and whether they train; for a LoRA layer folded
     (`fused_lora.LoraPlan`), its plan and what the plan is made from."""
-    if type(module) is not CachedCastLinear:
+    if type(module) not in (CachedCastLinear, nn.Linear):
         plan = module.__dict__.get("_plan")
         if getattr(plan, "fold", False):
             return module, plan, _plan_key(module)
@@ -169,37 +180,39 @@ class _Packed:
         self.matrix, self.bias = matrix, bias
 
 
-def _routes(groups: tuple) -> tuple:
+def _routes(groups: tuple, dtype: torch.dtype) -> tuple:
     """For each group of linears that read one input: the route of a lone member (a `_Packed`
     or the module to call: LoRA kept apart, adapters, IA3, their own plans and checks), or for
     siblings one `_Packed` over their weights stacked where all are plain or all LoRA layers
-    folded, else their routes."""
+    folded, else their routes. Weights are laid out in `dtype` (LoRA folds are bf16's)."""
     def plain(m):
-        return type(m) is CachedCastLinear and not m.weight.requires_grad \
+        return type(m) in (CachedCastLinear, nn.Linear) and not m.weight.requires_grad \
             and (m.bias is None or not m.bias.requires_grad)
 
-    def folded(m):  # a LoRA layer folded that applies now
+    def fold(m):  # a LoRA layer's folded plan (bf16)
         plan = m.__dict__.get("_plan")
-        return getattr(plan, "fold", False) and (key := _plan_key(m)) is not None \
+        return plan if dtype == torch.bfloat16 and getattr(plan, "fold", False) else None
+
+    def folded(m):  # a LoRA layer folded that applies now
+        return (plan := fold(m)) is not None and (key := _plan_key(m)) is not None \
             and (plan.key == key or plan.current(m))
 
     def bias(m):
-        return None if m.bias is None else m.bias.detach().to(torch.bfloat16)
+        return None if m.bias is None else m.bias.detach().to(dtype)
 
     def route(m):
-        plan = m.__dict__.get("_plan")
-        if getattr(plan, "fold", False):  # a LoRA layer folded: its fold, made current
+        if (plan := fold(m)) is not None:  # a LoRA layer folded: its fold, made current
             return _Packed(plan.matrix, plan.bias) if plan.current(m) else m
         if not plain(m):
             return m
-        packed = frozen.packed_weights(m, m.weight, torch.bfloat16)
+        packed = frozen.packed_weights(m, m.weight, dtype)
         return m if packed is None else _Packed(packed.matrix, bias(m))
 
     out = []
     for group in groups:
         if len(group) > 1 and len({m.bias is None for m in group}) == 1:
             if all(plain(m) for m in group):
-                matrix = PackedWeight(*(m.weight for m in group), dtype=torch.bfloat16).matrix
+                matrix = PackedWeight(*(m.weight for m in group), dtype=dtype).matrix
                 out.append(_Packed(matrix, _cat([bias(m) for m in group])))
                 continue
             if all(folded(m) for m in group):
@@ -228,11 +241,11 @@ def _cat(biases: list) -> torch.Tensor | None:
     return None if biases[0] is None else torch.cat(biases)
 
 
-def _apply(route, x2: torch.Tensor, lead: tuple) -> torch.Tensor:
+def _apply(route, x2: torch.Tensor, lead: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A route's output for the rows `x2` ([tokens, features]) of an input shaped `lead + (-1,)`,
     as [tokens, out_features]."""
     if type(route) is _Packed:
-        return linear_packed(x2.to(torch.bfloat16), route.matrix, route.bias)
+        return linear_packed(x2.to(dtype), route.matrix, route.bias)
     out = _linear(route, x2.view(*lead, -1))
     return out.reshape(-1, out.shape[-1])
 
