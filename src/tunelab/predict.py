@@ -188,6 +188,7 @@ def keep_weights_fp32(model):
     logits within 2e-6 of torch's own matmul, the same labels. Costs the linear layers'
     weights once more in fp32. This is `auto`'s path on CPUs without fast bf16."""
     model.requires_grad_(False)
+    fuse_lora_layers(model)  # a LoRA run served alone folds its adapter (`fold_lora_layers`)
     plan_encoder_layers(model)
     return model
 

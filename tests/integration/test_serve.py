@@ -180,6 +180,34 @@ def test_in_bf16_adapter_runs_share_the_base_layout_and_predict_as_loaded(runs):
     assert bool(layouts[0] & layouts[1]) == _can_pack()
 
 
+def test_in_fp32_a_lone_lora_run_is_folded_in_fp32_and_unfolded_beside_another(runs):
+    """Served in fp32 (`auto` on CPUs without fast bf16), a LoRA run alone on its base has its
+    adapter folded into fp32 weights laid out for oneDNN (x86), predicting as the run merged in
+    fp32 to fp32's precision; a second run on the base unfolds it, and each then predicts as
+    `tunelab.load(run, precision="fp32", merge=False)`."""
+    from tunelab.train.frozen import can_pack
+
+    packs = can_pack(torch.float32)
+    pool = ModelPool(precision="fp32")
+    lone = pool.add("lora", runs["lora"])
+    assert lone.describe()["adapter_folded"] == packs == (lone.folded_bytes > 0)
+    if packs:
+        weights = sum(m.base_layer.weight.numel() for m in lone.predictor.model.modules()
+                      if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+        assert lone.folded_bytes == 4 * weights  # fp32
+    merged = tunelab.load(runs["lora"], precision="fp32")
+    torch.testing.assert_close(lone.predictor.logits(TEXTS), merged.logits(TEXTS),
+                               rtol=1e-5, atol=1e-5)
+    pool.add("freeze", runs["freeze"])
+    assert lone.folded_bytes == 0
+    assert not any(getattr(m.__dict__.get("_plan"), "fold", False)
+                   for m in lone.predictor.model.modules())
+    for name in ("lora", "freeze"):
+        alone = tunelab.load(runs[name], precision="fp32", merge=False)
+        torch.testing.assert_close(pool.models[name].predictor.logits(TEXTS),
+                                   alone.logits(TEXTS), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_requests_get_clear_errors(server):
     client, _ = server
 

@@ -17,12 +17,15 @@ run never writes into the shared tensors. Runs with identical tokenizer files sh
 tokenizer too. Classification runs that saved a whole model (`full`) are loaded as they are.
 Every classification run is served through a `Predictor`, the engine behind `tunelab predict`.
 
-In bf16 on CPU a LoRA run alone on its base has its adapter folded into bf16 weights of its own
-(`fused_lora.LoraPlan`: `W + (B A) s`, as `tunelab predict` merges it), so that each layer is
-one matmul, as in a merged model: with nothing to share, that costs no more memory than the
-base's shared layout would, and a MiniLM run answered one short sentence in 6.4-7.0 ms in
-process where its adapter kept apart took 9.6-9.8. A second run joining the base unfolds it:
-from then on both compute over the shared layout.
+On CPU a LoRA run alone on its base has its adapter folded into weights of its own, in its
+precision (`fused_lora.LoraPlan`: `W + (B A) s`, as `tunelab predict` merges it), so that each
+layer is one matmul, as in a merged model. In bf16, with nothing to share, that costs no more memory
+than the base's shared layout would, and a MiniLM run answered one short sentence in 6.4-7.0
+ms in process where its adapter kept apart took 9.6-9.8. In fp32 (x86) it costs the adapted
+layers' weights once more (42 MB for MiniLM; `private_mb` counts it), and a MiniLM run answered
+one short sentence in 5.0-5.2 ms in process where kept apart it took 10.5-13.9, 291-311
+sentences/s where 227-244. A second run joining the base unfolds it: from then on both
+compute over the shared layout (bf16) or the base's weights (fp32).
 
 An onnx or int8 export folder (`tunelab export --to onnx|int8`) is served through ONNX
 Runtime (`tunelab.exported.OnnxPredictor`, the engine behind `tunelab predict EXPORT_DIR`):
@@ -186,15 +189,14 @@ class ModelPool:
                 self._settle(path)
 
     def _settle(self, path: str | None) -> None:
-        """Fold the adapter of a bf16 run alone on base `path`; unfold those sharing it."""
+        """Fold the adapter of a run alone on base `path`; unfold those sharing it."""
         if path is None:
             return
         on_base = [s for s in self.models.values() if s.shared_base == path]
         for served in on_base:
-            if not served.predictor.bf16:  # the plans are bf16's
-                continue
             if len(on_base) == 1:
-                served.folded_bytes = fold_lora_layers(served.predictor.model)
+                dtype = torch.bfloat16 if served.predictor.bf16 else torch.float32
+                served.folded_bytes = fold_lora_layers(served.predictor.model, dtype)
             else:  # a forward running meanwhile computes each layer one way or the other
                 unfold_lora_layers(served.predictor.model)
                 served.folded_bytes = 0

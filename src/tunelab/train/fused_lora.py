@@ -157,21 +157,24 @@ class LoraPlan(frozen.Uncopied):
     apart); or, folded (`fold`), `W + (B A) s` computed as PEFT merges it, cast and laid out
     once, so that the layer is one matmul as in a merged model while the module keeps PEFT's
     form and its frozen `W` (which `tunelab serve` shares between runs) untouched: it then
-    holds the merged weight's size in bf16 (`nbytes`). Made again when a tensor it was made
+    holds the merged weight's size in its `dtype` (`nbytes`): bf16 under autocast, or fp32
+    for prediction without it (folded only). Made again when a tensor it was made
     from is written or another adapter is active; a trained tensor (its in-place updates may
     not bump the version), disabled or merged adapters, or another dtype or device take the
     general path."""
 
-    def __init__(self, layer: nn.Module, fold: bool):
-        self.fold, self.key = fold, None
+    def __init__(self, layer: nn.Module, fold: bool, dtype: torch.dtype = torch.bfloat16):
+        if dtype != torch.bfloat16 and not fold:
+            raise ValueError("a LoRA layer kept apart is planned in bf16 only")
+        self.fold, self.dtype, self.key = fold, dtype, None
         self._make(layer, _plan_key(layer))
 
     def _make(self, layer: nn.Module, key: tuple) -> None:
         base, name = layer.base_layer, key[0]
         self.key, self.scaling = key, layer.scaling[name]
-        self.bias = None if base.bias is None else base.bias.detach().to(torch.bfloat16)
+        self.bias = None if base.bias is None else base.bias.detach().to(self.dtype)
         if self.fold:
-            self.matrix = frozen.laid_out(folded_weight(layer, name), torch.bfloat16)
+            self.matrix = frozen.laid_out(folded_weight(layer, name), self.dtype)
             self.packed = self.a = self.b = None
         else:  # the base's layout is taken at the first call: a run folded next makes none
             self.matrix = self.packed = None
@@ -180,7 +183,9 @@ class LoraPlan(frozen.Uncopied):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.matrix is None else 2 * self.matrix.shape[0] * self.matrix.shape[1]
+        if self.matrix is None:
+            return 0
+        return torch.finfo(self.dtype).bits // 8 * self.matrix.shape[0] * self.matrix.shape[1]
 
     def current(self, layer: nn.Module) -> bool:
         """Whether the plan applies to `layer` as it is now, made again first if a tensor it
@@ -199,10 +204,10 @@ class LoraPlan(frozen.Uncopied):
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output for `x`, or None where the plan does not apply now."""
-        if x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16 \
-                or not self.current(layer):
+        dtype = autocast_dtype(x) or (torch.float32 if x.dtype == torch.float32 else None)
+        if x.device.type != "cpu" or dtype != self.dtype or not self.current(layer):
             return None
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if self.matrix is not None:
             out = linear_packed(x2, self.matrix, self.bias)
         else:
@@ -244,12 +249,14 @@ def _plan_key(layer: nn.Module) -> tuple | None:
                                         for t in tensors)
 
 
-def plan_lora_layers(model: nn.Module, fold: bool = False) -> int:
+def plan_lora_layers(model: nn.Module, fold: bool = False,
+                     dtype: torch.dtype = torch.bfloat16) -> int:
     """Give every fused LoRA layer of `model` that computes one plain frozen adapter in one
-    function (`_one_function`) its `LoraPlan`, where the packed bf16 path is there (CPU);
-    `fold`: folded (or back to kept apart, `fold=False`). Returns the bytes the folds hold."""
+    function (`_one_function`) its `LoraPlan`, where the packed path in `dtype` is there (CPU);
+    `fold`: folded (or back to kept apart, `fold=False`: bf16 only). Returns the bytes the
+    folds hold."""
     total = 0
-    if not frozen.PACK_WEIGHTS or not frozen._can_pack():
+    if not frozen.PACK_WEIGHTS or not frozen.can_pack(dtype):
         return total
     for module in model.modules():
         if type(module) is not fused_class() or not module._plain() \
@@ -257,20 +264,26 @@ def plan_lora_layers(model: nn.Module, fold: bool = False) -> int:
                 or module.base_layer.weight.device.type != "cpu" or _plan_key(module) is None:
             continue
         plan = module.__dict__.get("_plan")
-        if plan is None or plan.fold != fold:
-            plan = module.__dict__["_plan"] = LoraPlan(module, fold)
+        if plan is None or plan.fold != fold or plan.dtype != dtype:
+            plan = module.__dict__["_plan"] = LoraPlan(module, fold, dtype)
         total += plan.nbytes
     return total
 
 
-def fold_lora_layers(model: nn.Module) -> int:
-    """`plan_lora_layers(model, fold=True)`: the bytes the folds hold."""
-    return plan_lora_layers(model, fold=True)
+def fold_lora_layers(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """`plan_lora_layers(model, fold=True)`, folded in `dtype` (bf16 for prediction under
+    autocast, fp32 without): the bytes the folds hold."""
+    return plan_lora_layers(model, fold=True, dtype=dtype)
 
 
 def unfold_lora_layers(model: nn.Module) -> int:
-    """Back to the adapters kept apart; how many layers were folded."""
-    folded = sum(getattr(m.__dict__.get("_plan"), "fold", False) for m in model.modules())
+    """Back to the adapters kept apart (planned where bf16's path is there); how many layers
+    were folded."""
+    folded = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("_plan"), "fold", False):
+            del module.__dict__["_plan"]
+            folded += 1
     plan_lora_layers(model, fold=False)
     return folded
 

@@ -184,14 +184,14 @@ def _routes(groups: tuple, dtype: torch.dtype) -> tuple:
     """For each group of linears that read one input: the route of a lone member (a `_Packed`
     or the module to call: LoRA kept apart, adapters, IA3, their own plans and checks), or for
     siblings one `_Packed` over their weights stacked where all are plain or all LoRA layers
-    folded, else their routes. Weights are laid out in `dtype` (LoRA folds are bf16's)."""
+    folded, else their routes. Weights are laid out in `dtype` (LoRA layers folded in it)."""
     def plain(m):
         return type(m) in (CachedCastLinear, nn.Linear) and not m.weight.requires_grad \
             and (m.bias is None or not m.bias.requires_grad)
 
-    def fold(m):  # a LoRA layer's folded plan (bf16)
+    def fold(m):  # a LoRA layer's plan folded in this dtype
         plan = m.__dict__.get("_plan")
-        return plan if dtype == torch.bfloat16 and getattr(plan, "fold", False) else None
+        return plan if getattr(plan, "fold", False) and plan.dtype == dtype else None
 
     def folded(m):  # a LoRA layer folded that applies now
         return (plan := fold(m)) is not None and (key := _plan_key(m)) is not None \
@@ -230,7 +230,7 @@ def _stacked_folds(group: tuple) -> _Packed:
     identical."""
     plans = [m.__dict__["_plan"] for m in group]
     weights = [folded_weight(m, plan.key[0]) for m, plan in zip(group, plans)]
-    matrix = frozen.laid_out(torch.cat(weights), torch.bfloat16)
+    matrix = frozen.laid_out(torch.cat(weights), plans[0].dtype)
     bias = _cat([plan.bias for plan in plans])
     for plan in plans:
         plan.release()
