@@ -304,9 +304,10 @@ def bench_server(folder: Path, precision: str, texts: list[str], args,
 
 
 def bench_memory(run_dir: Path, texts: list[str], args) -> dict:
-    """RSS after loading and after one request per adapter, with 1 and with N adapters."""
+    """RSS after loading and after one request per adapter, with 1, 2 and N adapters (a lone
+    run is folded: the cost of another adapter counts from 2)."""
     n, out = args.adapters, {}
-    for count in (1, n):
+    for count in sorted({1, min(2, n), n}):
         server = Server([f"a{i}={run_dir}" for i in range(count)], "fp32", args.max_wait_ms,
                         args.threads)
         try:

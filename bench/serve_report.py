@@ -66,12 +66,17 @@ def markdown(result: dict) -> str:
         "in the benchmark.",
         *in_process_markdown(result),
         common.markdown_table(
-            ["memory (RSS, MB)", "1 adapter", f"{n} adapters", "per extra adapter"],
+            ["memory (RSS, MB), fp32", "1 adapter", "2 adapters", f"{n} adapters",
+             "per extra adapter"],
             [memory_row(mem, "serve", "loaded", n, "tunelab serve (one shared base), loaded"),
              memory_row(mem, "serve", "served", n, "... after one request per adapter"),
              memory_row(mem, "load", "loaded", n, f"{n} x tunelab.load in one process, loaded"),
              memory_row(mem, "load", "served", n, "... after one prediction each")]),
-        f"The {n} adapters are copies of the run under different names. RSS after requests "
+        f"The {n} adapters are copies of the run under different names. A run alone on its "
+        "base is served with its adapter folded (its adapted layers' weights once more in "
+        "fp32), so the extra adapter's cost counts from 2 adapters, where the server keeps "
+        "them apart over the shared base; each tunelab.load holds its own merged model, laid "
+        "out for the fp32 matmul at its first prediction. RSS after requests "
         "includes activation buffers the allocator keeps, so it moves by tens of MB between "
         "runs; the loaded figures are the stable ones. The server process also holds the "
         "HTTP stack; the tunelab.load process does not.",
@@ -110,7 +115,7 @@ def in_process_markdown(result: dict) -> list[str]:
             "`tunelab eval` run: the LoRA adapter folded into the base weights, length-sorted "
             "batches of up to 64, bf16 autocast where the CPU has it) against the pipeline; the "
             "server keeps adapters apart from the base they share, and folds the adapter of a "
-            "run alone on its base in bf16 as `tunelab predict` merges it.",
+            "run alone on its base (in bf16 or fp32) as `tunelab predict` merges it.",
             *ceiling_note(limit, base)]
 
 
@@ -130,6 +135,11 @@ def ceiling_note(limit: dict | None, base: float) -> list[str]:
 
 
 def memory_row(mem: dict, kind: str, when: str, n: int, title: str) -> list[str]:
+    """Per extra adapter from 2 adapters where 2 was measured (a lone run is folded), else
+    from 1 (results written before lack 2)."""
     one, many = mem[f"{kind}_{when}_1"], mem[f"{kind}_{when}_{n}"]
-    return [title, common.fmt(one, 0), common.fmt(many, 0),
-            common.fmt((many - one) / (n - 1), 1) if n > 1 else "—"]
+    two = mem.get(f"{kind}_{when}_2")
+    first, count = (two, 2) if two is not None and n > 2 else (one, 1)
+    return [title, common.fmt(one, 0), common.fmt(two, 0) if two is not None else "—",
+            common.fmt(many, 0),
+            common.fmt((many - first) / (n - count), 1) if n > count else "—"]
