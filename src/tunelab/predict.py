@@ -20,6 +20,7 @@ from tunelab.train.evaluate import evaluate, iter_logits, resolve_precision
 from tunelab.train.frozen import cache_frozen_casts, plan_frozen_linears
 from tunelab.train.fused_lora import fuse_lora_layers, plan_lora_layers
 from tunelab.train.layer_plan import plan_encoder_layers
+from tunelab.train.mpnet_plan import plan_mpnet_layers
 
 
 class Predictor:
@@ -190,6 +191,7 @@ def keep_weights_fp32(model):
     model.requires_grad_(False)
     fuse_lora_layers(model)  # a LoRA run served alone folds its adapter (`fold_lora_layers`)
     plan_encoder_layers(model)
+    plan_mpnet_layers(model)
     return model
 
 
@@ -204,13 +206,15 @@ def keep_weights_cast(model):
     passes: a MiniLM run unmerged, 363 -> 413 sentences/s, one sentence 13.3 -> 10.6 ms, with
     what each layer needs prepared once (`fused_lora.LoraPlan`: a short sentence 11.8 -> 10 ms).
     A BERT-family encoder layer computes as one plain function (`layer_plan`: a short sentence
-    through a merged MiniLM 6.0-6.7 -> 4.5-5.0 ms, the same logits), and so does a Llama-family
-    decoder layer (`decoder_plan`: SmolLM2 generated 1.2x the tokens/s, the same text)."""
+    through a merged MiniLM 6.0-6.7 -> 4.5-5.0 ms, the same logits), and so do an MPNet layer
+    (`mpnet_plan`) and a Llama-family decoder layer (`decoder_plan`: SmolLM2 generated 1.2x the
+    tokens/s, the same text)."""
     model.requires_grad_(False)
     cache_frozen_casts(model)
     fuse_lora_layers(model)
     plan_frozen_linears(model)
     plan_lora_layers(model)
     plan_encoder_layers(model)
+    plan_mpnet_layers(model)
     plan_decoder_layers(model)
     return model
