@@ -106,55 +106,82 @@ def attach_plans(model: nn.Module, mixin: type, families: dict, make) -> int:
     return count
 
 
-class EncoderLayerPlan(frozen.Uncopied):
-    """One layer's prediction (see the module's doc); `output` is None where it does not apply
-    now. What each linear computes through is settled once (`_routes`) and again when one of
-    them is replaced, written in place or set to train."""
+class LayerPlanBase(frozen.Uncopied):
+    """What an encoder layer's plan keeps (BERT's here, MPNet's in `mpnet_plan`): its parts,
+    the modules it computes without calling them (the parts and their own children: a
+    linear's route may be its module, whose call then runs the module's hooks), and the routes
+    of its six linears (query, key, value, attention output, feed-forward up and down), settled
+    once (`_routes`) and again when one of them is replaced, written in place or set to
+    train."""
 
-    def __init__(self, layer: nn.Module):
-        attention = layer.attention
-        self.parts = (attention, attention.self, attention.output, layer.intermediate,
-                      layer.output)
-        # what the plan computes without calling it: the parts and their own children (a
-        # linear's route may be its module, whose call then runs the module's hooks)
-        self.members = list({id(m): m for part in self.parts
+    def __init__(self, parts: tuple):
+        self.parts = parts
+        self.members = list({id(m): m for part in parts
                              for m in (part, *part._modules.values())}.values())
         self.key, self.routes, self.act = None, None, None
 
-    def output(self, layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor | None:
-        attention, attn, self_out, inter, out = self.parts
-        # bf16 under autocast, or fp32 without it
+    def dtype(self, layer: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+        """What the layer computes in now (bf16 under autocast, fp32 without it), or None
+        where the plan does not apply: another device or dtype, training, hooks."""
         dtype = autocast_dtype(x) or (torch.float32 if x.dtype == torch.float32 else None)
-        if x.device.type != "cpu" or dtype not in PLANNED_DTYPES \
-                or not frozen.can_pack(dtype) or layer.training \
-                or layer.attention is not attention or attention.self is not attn \
-                or attention.output is not self_out or layer.intermediate is not inter \
-                or layer.output is not out or attn.config._attn_implementation != "sdpa" \
-                or _hooked(self.members):
+        if x.device.type != "cpu" or dtype not in PLANNED_DTYPES or not frozen.can_pack(dtype) \
+                or layer.training or _hooked(self.members):
             return None
-        linears = (attn.query, attn.key, attn.value, self_out.dense, inter.dense, out.dense)
-        key = (dtype, inter.intermediate_act_fn, *(_linear_key(m) for m in linears))
+        return dtype
+
+    def settle(self, linears: tuple, act_fn, dtype: torch.dtype) -> None:
+        key = (dtype, act_fn, *(_linear_key(m) for m in linears))
         if key != self.key:
             self.routes = _routes((linears[:3], *((m,) for m in linears[3:])), dtype)
-            self.act = _act(inter.intermediate_act_fn)
+            self.act = _act(act_fn)
             self.key = key
-        qkv, o, up, down = self.routes
-        lead, heads, size = x.shape[:-1], attn.num_attention_heads, attn.attention_head_size
-        x2 = x.reshape(-1, x.shape[-1])
+
+    def heads(self, x2: torch.Tensor, lead: tuple, heads: int, size: int, dtype: torch.dtype):
+        """Query, key and value as [batch, heads, length, size] from the rows `x2`."""
+        qkv = self.routes[0]
         if isinstance(qkv, tuple):
             packed = all(type(r) is _Packed for r in qkv)
             rows = x2.to(dtype) if packed else x2  # cast once for the three
-            q, k, v = (_apply(r, rows, lead, dtype).view(*lead, heads, size).transpose(1, 2)
-                       for r in qkv)
-        else:
-            q, k, v = _apply(qkv, x2, lead, dtype).view(*lead, 3, heads, size) \
-                .permute(2, 0, 3, 1, 4).unbind(0)
+            return tuple(_apply(r, rows, lead, dtype).view(*lead, heads, size).transpose(1, 2)
+                         for r in qkv)
+        return _apply(qkv, x2, lead, dtype).view(*lead, 3, heads, size) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+
+    def rest(self, a: torch.Tensor, x2: torch.Tensor, norms: tuple, lead: tuple,
+             dtype: torch.dtype) -> torch.Tensor:
+        """From the attention's mixed values `a` ([tokens, hidden]) on: its output projection,
+        the residual and norm, the feed-forward block, its residual and norm (rows)."""
+        _, o, up, down = self.routes
+        h = _norm(norms[0], _apply(o, a, lead, dtype) + x2)
+        g = self.act(_apply(up, h, lead, dtype))
+        return _norm(norms[1], _apply(down, g, lead, dtype) + h)
+
+
+class EncoderLayerPlan(LayerPlanBase):
+    """One layer's prediction (see the module's doc); `output` is None where it does not apply
+    now."""
+
+    def __init__(self, layer: nn.Module):
+        attention = layer.attention
+        super().__init__((attention, attention.self, attention.output, layer.intermediate,
+                          layer.output))
+
+    def output(self, layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor | None:
+        attention, attn, self_out, inter, out = self.parts
+        if layer.attention is not attention or attention.self is not attn \
+                or attention.output is not self_out or layer.intermediate is not inter \
+                or layer.output is not out or attn.config._attn_implementation != "sdpa" \
+                or (dtype := self.dtype(layer, x)) is None:
+            return None
+        self.settle((attn.query, attn.key, attn.value, self_out.dense, inter.dense, out.dense),
+                    inter.intermediate_act_fn, dtype)
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        q, k, v = self.heads(x2, lead, attn.num_attention_heads, attn.attention_head_size,
+                             dtype)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                            scale=attn.scaling, is_causal=False)
         a = a.transpose(1, 2).contiguous().reshape(x2.shape[0], -1)
-        h = _norm(self_out.LayerNorm, _apply(o, a, lead, dtype) + x2)
-        g = self.act(_apply(up, h, lead, dtype))
-        return _norm(out.LayerNorm, _apply(down, g, lead, dtype) + h).view(x.shape)
+        return self.rest(a, x2, (self_out.LayerNorm, out.LayerNorm), lead, dtype).view(x.shape)
 
 
 def _linear_key(module: nn.Module) -> tuple:

@@ -23,10 +23,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab.train import frozen
-from tunelab.train.frozen import autocast_dtype
-from tunelab.train.layer_plan import (PLANNED_DTYPES, _act, _apply, _hooked, _linear_key, _norm,
-                                      _Packed, _routes, attach_plans)
+from tunelab.train.layer_plan import LayerPlanBase, attach_plans
 
 
 @cache
@@ -56,42 +53,24 @@ class _PlannedMPNet:
                                output_attentions, **kwargs)
 
 
-class MPNetLayerPlan(frozen.Uncopied):
+class MPNetLayerPlan(LayerPlanBase):
     """One MPNet layer's prediction; `output` is None where it does not apply now."""
 
     def __init__(self, layer: nn.Module):
         attention = layer.attention
-        self.parts = (attention, attention.attn, layer.intermediate, layer.output)
-        self.members = list({id(m): m for part in self.parts
-                             for m in (part, *part._modules.values())}.values())
-        self.key, self.routes, self.act = None, None, None
+        super().__init__((attention, attention.attn, layer.intermediate, layer.output))
 
     def output(self, layer: nn.Module, x: torch.Tensor, mask, position_bias):
         attention, attn, inter, out = self.parts
-        dtype = autocast_dtype(x) or (torch.float32 if x.dtype == torch.float32 else None)
-        if x.device.type != "cpu" or dtype not in PLANNED_DTYPES \
-                or not frozen.can_pack(dtype) or layer.training \
-                or layer.attention is not attention or attention.attn is not attn \
+        if layer.attention is not attention or attention.attn is not attn \
                 or layer.intermediate is not inter or layer.output is not out \
-                or _hooked(self.members):
+                or (dtype := self.dtype(layer, x)) is None:
             return None
-        linears = (attn.q, attn.k, attn.v, attn.o, inter.dense, out.dense)
-        key = (dtype, inter.intermediate_act_fn, *(_linear_key(m) for m in linears))
-        if key != self.key:
-            self.routes = _routes((linears[:3], *((m,) for m in linears[3:])), dtype)
-            self.act = _act(inter.intermediate_act_fn)
-            self.key = key
-        qkv, o, up, down = self.routes
-        lead, heads, size = x.shape[:-1], attn.num_attention_heads, attn.attention_head_size
-        x2 = x.reshape(-1, x.shape[-1])
-        if isinstance(qkv, tuple):
-            packed = all(type(r) is _Packed for r in qkv)
-            rows = x2.to(dtype) if packed else x2  # cast once for the three
-            q, k, v = (_apply(r, rows, lead, dtype).view(*lead, heads, size).transpose(1, 2)
-                       for r in qkv)
-        else:
-            q, k, v = _apply(qkv, x2, lead, dtype).view(*lead, 3, heads, size) \
-                .permute(2, 0, 3, 1, 4).unbind(0)
+        self.settle((attn.q, attn.k, attn.v, attn.o, inter.dense, out.dense),
+                    inter.intermediate_act_fn, dtype)
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        heads, size = attn.num_attention_heads, attn.attention_head_size
+        q, k, v = self.heads(x2, lead, heads, size, dtype)
         # MPNetSelfAttention's own ops, in its order (the dtypes follow as they do there)
         scores = torch.matmul(q, k.transpose(-1, -2))
         scores = scores / math.sqrt(size)
@@ -100,11 +79,8 @@ class MPNetLayerPlan(frozen.Uncopied):
         if mask is not None:
             scores = scores + mask
         probs = nn.functional.softmax(scores, dim=-1)
-        c = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
-        c = c.view(-1, heads * size)
-        h = _norm(attention.LayerNorm, _apply(o, c, lead, dtype) + x2)
-        g = self.act(_apply(up, h, lead, dtype))
-        return _norm(out.LayerNorm, _apply(down, g, lead, dtype) + h).view(x.shape)
+        c = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous().view(-1, heads * size)
+        return self.rest(c, x2, (attention.LayerNorm, out.LayerNorm), lead, dtype).view(x.shape)
 
 
 def plan_mpnet_layers(model: nn.Module) -> int:
