@@ -100,3 +100,16 @@ def count_outputs(monkeypatch, plan_class) -> list[bool]:
 
     monkeypatch.setattr(plan_class, "output", counted)
     return calls
+
+
+def padded_inputs(padded: bool = True) -> dict:
+    """Three rows of 11 token ids for a tiny encoder (ids 5-99), the second and third padded
+    after 7 and 4 tokens where `padded`."""
+    import torch
+
+    ids = torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 7:] = 0
+        mask[2, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

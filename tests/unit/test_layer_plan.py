@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import count_outputs
+from conftest import padded_inputs as inputs
 from transformers import (AutoModelForSequenceClassification, BertConfig, ElectraConfig,
                           MPNetConfig, RobertaConfig, XLMRobertaConfig)
 
@@ -25,15 +26,6 @@ def build(family="bert", attention="sdpa"):
     torch.manual_seed(0)
     config = CONFIGS[family](**SIZES, num_labels=3)
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
-
-
-def inputs(padded=True):
-    ids = torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 7:] = 0
-        mask[2, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def logits(model, batch, grad=False, **kwargs):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import count_outputs
+from conftest import padded_inputs as inputs
 from transformers import AutoModelForSequenceClassification, MPNetConfig
 
 from tunelab.predict import keep_weights_cast, keep_weights_fp32
@@ -21,15 +22,6 @@ SIZES = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_
 def build():
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_config(MPNetConfig(**SIZES, num_labels=3))
-
-
-def inputs(padded=True):
-    ids = torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 7:] = 0
-        mask[2, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def logits(model, batch, bf16=True, **kwargs):

@@ -309,20 +309,26 @@ def _hooked(modules: list[nn.Module]) -> bool:
     return False
 
 
+def own_blocks(blocks: dict, parts: dict[str, type], norms: tuple[str, str]) -> bool:
+    """Whether each of a layer's `blocks` (name -> module) is of its family's class (`parts`)
+    with its own forward (not one replaced on the instance: a method's own computation), and
+    the blocks named in `norms` normalise with a plain `nn.LayerNorm`."""
+    if any(type(block) is not parts[name] for name, block in blocks.items()):
+        return False
+    if any("forward" in block.__dict__ for block in blocks.values()):
+        return False
+    return all(type(blocks[name].LayerNorm) is nn.LayerNorm for name in norms)
+
+
 def _plannable(layer: nn.Module, parts: dict[str, type]) -> bool:
     attention = getattr(layer, "attention", None)
     blocks = {"Attention": attention, "SelfAttention": getattr(attention, "self", None),
               "SelfOutput": getattr(attention, "output", None),
               "Intermediate": getattr(layer, "intermediate", None),
               "Output": getattr(layer, "output", None)}
-    if any(type(block) is not parts[name] for name, block in blocks.items()):
-        return False
-    if any("forward" in block.__dict__ for block in blocks.values()):
-        return False  # a forward replaced on the instance (a method's own computation)
-    norms = (blocks["SelfOutput"].LayerNorm, blocks["Output"].LayerNorm)
-    return (not layer.is_decoder and not getattr(layer, "add_cross_attention", False)
-            and layer.chunk_size_feed_forward == 0 and not blocks["Attention"].is_cross_attention
-            and all(type(n) is nn.LayerNorm for n in norms))
+    return (own_blocks(blocks, parts, ("SelfOutput", "Output")) and not layer.is_decoder
+            and not getattr(layer, "add_cross_attention", False)
+            and layer.chunk_size_feed_forward == 0 and not attention.is_cross_attention)
 
 
 def plan_encoder_layers(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab.train.layer_plan import LayerPlanBase, attach_plans
+from tunelab.train.layer_plan import LayerPlanBase, attach_plans, own_blocks
 
 
 @cache
@@ -96,9 +96,4 @@ def _plannable(layer: nn.Module, parts: dict[str, type]) -> bool:
     blocks = {"Attention": attention, "SelfAttention": getattr(attention, "attn", None),
               "Intermediate": getattr(layer, "intermediate", None),
               "Output": getattr(layer, "output", None)}
-    if any(type(block) is not parts[name] for name, block in blocks.items()):
-        return False
-    if any("forward" in block.__dict__ for block in blocks.values()):
-        return False  # a forward replaced on the instance (a method's own computation)
-    norms = (blocks["Attention"].LayerNorm, blocks["Output"].LayerNorm)
-    return all(type(n) is nn.LayerNorm for n in norms)
+    return own_blocks(blocks, parts, ("Attention", "Output"))
