@@ -140,6 +140,25 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def linear_packed_add(x: torch.Tensor, packed: torch.Tensor, other: torch.Tensor):
+    """`x W^T + other` in one oneDNN call (its sum post-op) for a weight laid out by
+    `laid_out`; where that op is missing (`_can_add`), a matmul and an add."""
+    if _can_add():
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, "add")
+    return linear_packed(x, packed) + other
+
+
+@functools.cache
+def _can_add() -> bool:
+    try:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(probe, 2)
+        got = torch.ops.mkldnn._linear_pointwise.binary(probe, probe, packed, None, "add")
+        return bool(torch.equal(got, probe @ probe.t() + probe))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     """Whether weights in `dtype` can be laid out for oneDNN here: bf16 where the CPU has the
     packed bf16 matmul; fp32 on x86 (`_can_pack_fp32`)."""
