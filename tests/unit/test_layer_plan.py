@@ -174,6 +174,50 @@ def test_folded_query_key_and_value_are_one_matmul_over_their_folds(planned_call
     assert torch.equal(again, logits(general(model), batch))
 
 
+def test_lora_query_key_and_value_kept_apart_are_one_stack(planned_calls, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.train import fused_lora
+
+    def lora():
+        peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
+                                                        target_modules=["query", "key", "value"]))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+        return keep_weights_cast(peft_model).eval()
+
+    first, second = lora(), lora()  # two runs' models over one base (as `tunelab serve`)
+    batch = inputs()
+    got = logits(first, batch)
+    assert planned_calls == [True, True]
+    assert torch.equal(got, logits(general(first), batch))
+    logits(second, batch)
+    stacks = [m.base_model.model.bert.encoder.layer[0].__dict__["_plan"].routes[0]
+              for m in (first, second)]
+    assert all(isinstance(s, layer_plan._LoraStack) for s in stacks)
+    assert stacks[0].matrix is not stacks[1].matrix  # separate bases here ...
+    shared = lora()
+    for a, b in zip(shared.base_model.model.bert.encoder.layer,
+                    first.base_model.model.bert.encoder.layer):
+        for name in ("query", "key", "value"):  # ... one base, as the server shares it
+            getattr(a.attention.self, name).base_layer.weight = \
+                getattr(b.attention.self, name).base_layer.weight
+    logits(shared, batch)
+    assert shared.base_model.model.bert.encoder.layer[0].__dict__["_plan"].routes[0].matrix \
+        is stacks[0].matrix
+    monkeypatch.setattr(fused_lora, "SUM_ROWS", 0)  # many rows: the update added in place
+    assert torch.equal(logits(first, batch), got)
+    monkeypatch.undo()
+    with torch.no_grad():  # an adapter written: stacked again
+        first.base_model.model.bert.encoder.layer[0].attention.self.key \
+            .lora_A["default"].weight.mul_(-1)
+    again = logits(first, batch)
+    assert not torch.allclose(again, got, atol=1e-3)
+    assert torch.equal(again, logits(general(first), batch))
+
+
 def test_the_general_path_wherever_the_plan_does_not_apply(planned_calls):
     model = keep_weights_cast(build()).eval()
     batch = inputs()

@@ -74,8 +74,9 @@ def test_lora_folded_and_hooks(planned_calls):
     batch = inputs()
     apart = logits(model, batch)
     assert planned_calls == [True, True]
-    assert isinstance(model.base_model.model.mpnet.encoder.layer[0].__dict__["_plan"]
-                      .routes[0], tuple)  # kept apart: the LoRA layers' own modules
+    assert torch.equal(apart, logits(copy.deepcopy(model), batch))
+    stacked = model.base_model.model.mpnet.encoder.layer[0].__dict__["_plan"].routes[0]
+    assert type(stacked).__name__ == "_LoraStack"  # kept apart: q, k and v stacked
     reference = copy.deepcopy(model)
     fold_lora_layers(model)
     fold_lora_layers(reference)

@@ -71,6 +71,17 @@ def packed_weights(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype):
     return cached[1]
 
 
+def shared_stack(weights: tuple, dtype: torch.dtype) -> "PackedWeight":
+    """`PackedWeight(*weights)` (sibling weights stacked by rows), or the one made of the same
+    memory before where it is current: the models `tunelab serve` builds over one shared base
+    stack the same base weights once."""
+    memory = (dtype, *((w.data_ptr(), tuple(w.shape), w.stride()) for w in weights))
+    packed = _SHARED.get(memory)
+    if packed is None or not packed.current():
+        packed = _SHARED[memory] = PackedWeight(*weights, dtype=dtype)
+    return packed
+
+
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 """The `PackedWeight`s layers hold, by the memory they were made from. An entry lives as long
 as a layer holds it, and it holds its weight, so the address in its key is not reused

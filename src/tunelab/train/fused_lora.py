@@ -199,14 +199,14 @@ class LoraPlan(frozen.Uncopied):
         key = _plan_key(layer)
         if key is None:
             return False
-        if key != self.key or self.fold and self.matrix is None:
+        if key != self.key or (self.matrix if self.fold else self.a) is None:
             self._make(layer, key)
         return True
 
     def release(self) -> None:
-        """Drop the fold's matrix (a layer plan holds it stacked with its siblings'); made
-        again if the layer is called on its own."""
-        self.matrix = None
+        """Drop what was laid out (the fold's matrix, or A and B kept apart: a layer plan holds
+        them stacked with its siblings'); made again if the layer is called on its own."""
+        self.matrix = self.a = self.b_laid = None
 
     def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output for `x`, or None where the plan does not apply now."""
