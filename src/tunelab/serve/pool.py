@@ -198,7 +198,7 @@ class ModelPool:
                 dtype = torch.bfloat16 if served.predictor.bf16 else torch.float32
                 served.folded_bytes = fold_lora_layers(served.predictor.model, dtype)
             else:  # a forward running meanwhile computes each layer one way or the other
-                unfold_lora_layers(served.predictor.model)
+                unfold_lora_layers(served.predictor.model, plan=served.predictor.bf16)
                 served.folded_bytes = 0
 
     def _load(self, name: str, run_dir: Path) -> Served:

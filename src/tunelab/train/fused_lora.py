@@ -289,15 +289,16 @@ def fold_lora_layers(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> i
     return plan_lora_layers(model, fold=True, dtype=dtype)
 
 
-def unfold_lora_layers(model: nn.Module) -> int:
-    """Back to the adapters kept apart (planned where bf16's path is there); how many layers
-    were folded."""
+def unfold_lora_layers(model: nn.Module, plan: bool = True) -> int:
+    """Back to the adapters kept apart (planned where bf16's path is there and `plan`: a model
+    predicting in fp32 has no use for the bf16 plans); how many layers were folded."""
     folded = 0
     for module in model.modules():
         if getattr(module.__dict__.get("_plan"), "fold", False):
             del module.__dict__["_plan"]
             folded += 1
-    plan_lora_layers(model, fold=False)
+    if plan:
+        plan_lora_layers(model, fold=False)
     return folded
 
 
