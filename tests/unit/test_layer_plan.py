@@ -44,6 +44,20 @@ def general(model):
     return copied
 
 
+def lora_model(targets=("query", "key", "value")):
+    """A tiny BERT with LoRA on `targets`, B drawn at random (not PEFT's zeros), prepared for
+    bf16 prediction."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
+                                                    target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    return keep_weights_cast(peft_model).eval()
+
+
 @pytest.fixture
 def planned_calls(monkeypatch):
     """Per layer call, whether the plan computed it."""
@@ -114,18 +128,10 @@ def test_a_written_projection_is_stacked_again(planned_calls):
 
 
 def test_lora_layers_kept_apart_and_folded_compute_through_their_own_plans(planned_calls):
-    from peft import LoraConfig, get_peft_model
-
     from tunelab.train.fused_lora import fold_lora_layers
 
     def lora():
-        peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
-                                                        target_modules=["query", "value"]))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
-        return keep_weights_cast(peft_model).eval()
+        return lora_model(("query", "value"))
 
     batch = inputs()
     apart = lora()
@@ -141,17 +147,9 @@ def test_lora_layers_kept_apart_and_folded_compute_through_their_own_plans(plann
 
 
 def test_folded_query_key_and_value_are_one_matmul_over_their_folds(planned_calls):
-    from peft import LoraConfig, get_peft_model
-
     from tunelab.train.fused_lora import fold_lora_layers
 
-    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
-                                                    target_modules=["query", "key", "value"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
-    model = keep_weights_cast(peft_model).eval()
+    model = lora_model()
     fold_lora_layers(model)
     batch = inputs()
     got = logits(model, batch)
@@ -175,19 +173,9 @@ def test_folded_query_key_and_value_are_one_matmul_over_their_folds(planned_call
 
 
 def test_lora_query_key_and_value_kept_apart_are_one_stack(planned_calls, monkeypatch):
-    from peft import LoraConfig, get_peft_model
-
     from tunelab.train import fused_lora
 
-    def lora():
-        peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8,
-                                                        target_modules=["query", "key", "value"]))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
-        return keep_weights_cast(peft_model).eval()
-
+    lora = lora_model
     first, second = lora(), lora()  # two runs' models over one base (as `tunelab serve`)
     batch = inputs()
     got = logits(first, batch)
