@@ -224,7 +224,8 @@ def test_merge_gives_same_outputs(base_dirs, method, task, family):
     assert type(merged) is MODELS[task, family][0]
     assert not [k for k in merged.state_dict() if re.search(
         r"lora_|ia3_|modules_to_save|original_module|base_layer|adapter\.", k)]
-    torch.testing.assert_close(outputs(merged, batch), expected, atol=1e-5, rtol=0)
+    # W + BA summed once rounds apart from W x + B(A x): within fp32 rounding of the outputs
+    torch.testing.assert_close(outputs(merged, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- 5. it learns ---------------------------------------------------------------------------
